@@ -1,0 +1,46 @@
+# shellcheck shell=bash
+# Shared helpers for hack/ scripts: cache locations, pinned versions, stage timing.
+# Sourced, never executed.
+
+KVCSI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KVCSI_CACHE="${KVCSI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubevirt-csi}"
+
+# Pinned versions. Bumping one of these rebuilds only that tool.
+K8S_VERSION="${K8S_VERSION:-v1.34.4}"
+CSI_SANITY_VERSION="${CSI_SANITY_VERSION:-v5.4.0}"
+# Debian bookworm ships etcd 3.4.23; kube-apiserver <= 1.34 works with it.
+ETCD_DEB_VERSION_PREFIX="3.4."
+
+export KVCSI_ROOT KVCSI_CACHE K8S_VERSION CSI_SANITY_VERSION
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# stage NAME CMD...: run CMD and print how long it took, so slow stages show up in CI logs.
+stage() {
+  local name=$1; shift
+  local start end rc
+  start=$(date +%s.%N)
+  log "stage '$name' started"
+  "$@"; rc=$?
+  end=$(date +%s.%N)
+  log "$(awk -v n="$name" -v s="$start" -v e="$end" -v r="$rc" 'BEGIN{printf "stage \x27%s\x27 finished in %.1fs (exit %d)", n, e-s, r}')"
+  return $rc
+}
+
+apt_updated=""
+# apt_ensure PKG...: install the Debian packages that are missing, with one apt-get update at most.
+apt_ensure() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  if [ -z "$apt_updated" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+    || die "apt-get install ${missing[*]} failed"
+}

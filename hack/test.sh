@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test the project keeps. Installs and caches what it needs first (hack/tools.sh),
+# then: formatting, clippy, unit and integration tests (real apiserver, real mounts, QEMU).
+# Each stage prints its wall time.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$KVCSI_ROOT"
+
+stage tools "$KVCSI_ROOT/hack/tools.sh" all
+eval "$("$KVCSI_ROOT/hack/tools.sh" --env)"
+
+stage fmt cargo fmt --all -- --check
+stage clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+stage build cargo build --workspace --all-targets --locked
+stage test cargo test --workspace --locked -- --test-threads="${KVCSI_TEST_THREADS:-2}"
