@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$KVCSI_ROOT"
 
 stage tools "$KVCSI_ROOT/hack/tools.sh" all
+stage crds "$KVCSI_ROOT/hack/crds.sh"
 eval "$("$KVCSI_ROOT/hack/tools.sh" --env)"
 
 stage fmt cargo fmt --all -- --check
