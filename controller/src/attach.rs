@@ -1,0 +1,552 @@
+//! The attach path: ControllerPublishVolume hotplugs the volume's DataVolume into the
+//! worker VM behind a guest node; ControllerUnpublishVolume takes it out again.
+//!
+//! The node id is `<infra-namespace>/<vm-name>`. The disk gets a serial derived from the
+//! volume id (at most 20 characters, see [`crate::names::disk_serial`]) that the node
+//! plugin looks for in sysfs.
+
+use csi::volume_capability::access_mode::Mode;
+use csi_proto::v1 as csi;
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use tracing::{info, instrument};
+
+use crate::capability::is_multi_node;
+use crate::driver::{ANN_ATTACHED_TO, Driver, HotplugMode, required};
+use crate::error::{ControllerError, InfraError};
+use crate::infra::client::HotplugTarget;
+use crate::infra::types::{
+    AddVolumeOptions, DataVolume, DataVolumeRef, Disk, DiskTarget, HotplugVolumeSource,
+    RemoveVolumeOptions, VOLUME_READY, VirtualMachine, VirtualMachineInstance, Volume,
+};
+use crate::infra::wait::{Progress, wait_for};
+use crate::names;
+use crate::params::{PublishContext, VolumeContext};
+use crate::volumes::{attached_to, bus_of, is_block, wait_error};
+
+/// A guest node id, `<namespace>/<vm>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeId {
+    pub namespace: String,
+    pub vm: String,
+}
+
+impl NodeId {
+    pub fn parse(id: &str) -> Result<Self, ControllerError> {
+        match id.split_once('/') {
+            Some((ns, vm)) if names::is_dns_label(ns) && names::is_dns_label(vm) => Ok(Self {
+                namespace: ns.to_string(),
+                vm: vm.to_string(),
+            }),
+            _ => Err(ControllerError::NotFound(format!(
+                "node id {id:?} is not <infra-namespace>/<vm-name>, so no worker VM backs it"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.vm)
+    }
+}
+
+fn is_hotplug(v: &Volume) -> bool {
+    v.data_volume.as_ref().is_some_and(|d| d.hotpluggable)
+        || v.persistent_volume_claim
+            .as_ref()
+            .is_some_and(|c| c.hotpluggable)
+}
+
+/// Hotplugged volumes other than `except` in the VM or VMI spec (whichever has more).
+fn hotplugged_count(
+    vm: Option<&VirtualMachine>,
+    vmi: Option<&VirtualMachineInstance>,
+    except: &str,
+) -> usize {
+    let count = |vols: &[Volume]| {
+        vols.iter()
+            .filter(|v| v.name != except && is_hotplug(v))
+            .count()
+    };
+    let from_vm = vm
+        .and_then(|v| v.spec.template.as_ref())
+        .and_then(|t| t.spec.as_ref())
+        .map_or(0, |s| count(&s.volumes));
+    let from_vmi = vmi.map_or(0, |v| count(&v.spec.volumes));
+    from_vm.max(from_vmi)
+}
+
+/// The disk a VM or VMI spec has for the volume, if any.
+fn disk_in(
+    vm: Option<&VirtualMachine>,
+    vmi: Option<&VirtualMachineInstance>,
+    name: &str,
+) -> Option<Disk> {
+    let vm_disk = vm
+        .and_then(|v| v.spec.template.as_ref())
+        .and_then(|t| t.spec.as_ref())
+        .and_then(|s| s.domain.as_ref())
+        .and_then(|d| d.devices.disks.iter().find(|d| d.name == name).cloned());
+    vm_disk.or_else(|| {
+        vmi.and_then(|v| v.spec.domain.as_ref())
+            .and_then(|d| d.devices.disks.iter().find(|d| d.name == name).cloned())
+    })
+}
+
+fn vmi_has_volume(vmi: Option<&VirtualMachineInstance>, name: &str) -> bool {
+    vmi.is_some_and(|v| {
+        v.spec.volumes.iter().any(|x| x.name == name)
+            || v.status
+                .as_ref()
+                .is_some_and(|s| s.volume_status.iter().any(|e| e.name == name))
+    })
+}
+
+fn vm_has_volume(vm: Option<&VirtualMachine>, name: &str) -> bool {
+    vm.and_then(|v| v.spec.template.as_ref())
+        .and_then(|t| t.spec.as_ref())
+        .is_some_and(|s| s.volumes.iter().any(|x| x.name == name))
+}
+
+impl Driver {
+    /// ControllerPublishVolume. Spec rules honoured: volume_id, node_id and
+    /// volume_capability are required (INVALID_ARGUMENT); an unknown volume or node is
+    /// NOT_FOUND; a single-node volume published on another node is FAILED_PRECONDITION;
+    /// past the per-VM volume limit is RESOURCE_EXHAUSTED; publishing again with the same
+    /// arguments succeeds with the same publish context, with different (read-only) ones
+    /// ALREADY_EXISTS. Returns only once the disk is Ready inside the VM.
+    #[instrument(skip_all, fields(volume_id = %req.volume_id, node_id = %req.node_id))]
+    pub async fn controller_publish_volume(
+        &self,
+        req: csi::ControllerPublishVolumeRequest,
+    ) -> Result<csi::ControllerPublishVolumeResponse, ControllerError> {
+        let id = required(&req.volume_id, "volume_id")?;
+        required(&req.node_id, "node_id")?;
+        let cap = req.volume_capability.as_ref().ok_or_else(|| {
+            ControllerError::InvalidArgument("volume_capability is required".into())
+        })?;
+        if let Some(why) = crate::capability::unsupported(cap) {
+            return Err(ControllerError::InvalidArgument(why));
+        }
+        let node = NodeId::parse(&req.node_id)?;
+        let _guard = self.locks.try_lock(id)?;
+        let ctx = |what: &str| {
+            ControllerError::infra(format!("{what} for volume {id} on {}", req.node_id))
+        };
+
+        let dv = self
+            .infra
+            .data_volume(id)
+            .await
+            .map_err(ctx("looking up the volume"))?
+            .ok_or_else(|| ControllerError::NotFound(format!("volume {id} does not exist")))?;
+        let wants_block = matches!(
+            cap.access_type,
+            Some(csi::volume_capability::AccessType::Block(_))
+        );
+        if wants_block != is_block(&dv) {
+            return Err(ControllerError::InvalidArgument(format!(
+                "volume {id} is a {} volume; it cannot be published for {} access",
+                if is_block(&dv) { "block" } else { "filesystem" },
+                if wants_block { "block" } else { "mount" }
+            )));
+        }
+        if node.namespace != self.infra.namespace() {
+            return Err(ControllerError::NotFound(format!(
+                "node {node} is not a worker VM of this tenant (infra namespace {})",
+                self.infra.namespace()
+            )));
+        }
+        let vm = self
+            .infra
+            .vm(&node.vm)
+            .await
+            .map_err(ctx("looking up the vm"))?;
+        let vmi = self
+            .infra
+            .vmi(&node.vm)
+            .await
+            .map_err(ctx("looking up the vmi"))?;
+        if vm.is_none() && vmi.is_none() {
+            return Err(ControllerError::NotFound(format!(
+                "no worker VM backs node {node}"
+            )));
+        }
+        let vmi_obj = vmi.as_ref().ok_or_else(|| {
+            ControllerError::FailedPrecondition(format!(
+                "worker VM {node} is not running; a disk can only be hotplugged into a running VM"
+            ))
+        })?;
+
+        let bus = VolumeContext::from_map(&req.volume_context)
+            .map(|c| c.bus)
+            .unwrap_or_else(|_| bus_of(&dv, self.settings.default_bus));
+        let bus = if req.volume_context.contains_key("bus") {
+            bus
+        } else {
+            bus_of(&dv, self.settings.default_bus)
+        };
+        let publish = PublishContext {
+            serial: names::disk_serial(id),
+            bus,
+        };
+        let wanted_disk = Disk {
+            name: id.to_string(),
+            disk: Some(DiskTarget {
+                bus: Some(bus.as_str().to_string()),
+                readonly: req.readonly,
+            }),
+            serial: Some(publish.serial.clone()),
+        };
+
+        // Already there (a retry): the same disk waits for Ready, a different one conflicts.
+        let present = vm_has_volume(vm.as_ref(), id) || vmi_has_volume(Some(vmi_obj), id);
+        if present {
+            if let Some(existing) = disk_in(vm.as_ref(), Some(vmi_obj), id)
+                && existing != wanted_disk
+            {
+                return Err(ControllerError::AlreadyExists(format!(
+                    "volume {id} is already published to {node} with a different disk ({existing:?})"
+                )));
+            }
+        } else {
+            self.check_single_node(&dv, cap, &node).await?;
+            let count = hotplugged_count(vm.as_ref(), Some(vmi_obj), id);
+            if count >= self.settings.max_volumes_per_vm {
+                return Err(ControllerError::ResourceExhausted(format!(
+                    "worker VM {node} already has {count} hotplugged volumes (limit {})",
+                    self.settings.max_volumes_per_vm
+                )));
+            }
+            self.record_attachment(&dv, &node.vm, true).await?;
+            let target = if vm.is_some() {
+                HotplugTarget::Vm
+            } else {
+                HotplugTarget::Vmi
+            };
+            info!(serial = %publish.serial, bus = bus.as_str(), ?target, "hotplugging volume");
+            self.hotplug(target, &node.vm, &wanted_disk)
+                .await
+                .map_err(ctx("hotplugging"))?;
+        }
+
+        self.wait_attached(&node, id).await?;
+        info!(serial = %publish.serial, "volume is ready in the worker VM");
+        Ok(csi::ControllerPublishVolumeResponse {
+            publish_context: publish.to_map(),
+        })
+    }
+
+    async fn hotplug(
+        &self,
+        target: HotplugTarget,
+        vm: &str,
+        disk: &Disk,
+    ) -> Result<(), InfraError> {
+        let name = disk.name.clone();
+        match (self.settings.hotplug_mode, target) {
+            (HotplugMode::Declarative, HotplugTarget::Vm) => {
+                // JSON patch appends; the test ops make it fail if someone else added it.
+                let patch = serde_json::json!([
+                    {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": name, "dataVolume": {"name": name, "hotpluggable": true}}},
+                    {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": disk},
+                ]);
+                let patch: json_patch::Patch =
+                    serde_json::from_value(patch).map_err(|e| InfraError::Rejected {
+                        kind: "VirtualMachine",
+                        name: vm.to_string(),
+                        message: e.to_string(),
+                    })?;
+                self.infra
+                    .vms
+                    .patch(vm, &PatchParams::default(), &Patch::<()>::Json(patch))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        InfraError::from_kube("VirtualMachine", self.infra.namespace(), vm, e)
+                    })
+            }
+            _ => {
+                let body = AddVolumeOptions {
+                    name: name.clone(),
+                    disk: disk.clone(),
+                    volume_source: HotplugVolumeSource {
+                        data_volume: Some(DataVolumeRef {
+                            name,
+                            hotpluggable: true,
+                        }),
+                        persistent_volume_claim: None,
+                    },
+                };
+                match self.infra.add_volume(target, vm, &body).await {
+                    // KubeVirt says 409 when the volume is already being added: a retry of ours.
+                    Err(InfraError::Conflict { message, .. }) if message.contains("already") => {
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// FAILED_PRECONDITION if a single-node volume is published to another VM. The
+    /// attachment annotation names the candidates; each is confirmed against its VM, so a
+    /// stale annotation never blocks an attach.
+    async fn check_single_node(
+        &self,
+        dv: &DataVolume,
+        cap: &csi::VolumeCapability,
+        node: &NodeId,
+    ) -> Result<(), ControllerError> {
+        let mode = cap
+            .access_mode
+            .as_ref()
+            .and_then(|m| Mode::try_from(m.mode).ok())
+            .unwrap_or(Mode::Unknown);
+        if is_multi_node(mode) {
+            return Ok(());
+        }
+        let id = dv.name_any();
+        for other in attached_to(dv).into_iter().filter(|o| *o != node.vm) {
+            let ctx = || ControllerError::infra(format!("checking where volume {id} is attached"));
+            let vm = self.infra.vm(&other).await.map_err(ctx())?;
+            let vmi = self.infra.vmi(&other).await.map_err(ctx())?;
+            if vm_has_volume(vm.as_ref(), &id) || vmi_has_volume(vmi.as_ref(), &id) {
+                return Err(ControllerError::FailedPrecondition(format!(
+                    "volume {id} allows single-node access and is published to {}/{other}",
+                    self.infra.namespace()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds or removes `vm` in the DataVolume's attachment annotation. The patch carries the
+    /// resourceVersion we read, so concurrent writers conflict (ABORTED, retried) instead of
+    /// overwriting each other.
+    async fn record_attachment(
+        &self,
+        dv: &DataVolume,
+        vm: &str,
+        attached: bool,
+    ) -> Result<(), ControllerError> {
+        let mut names = attached_to(dv);
+        names.retain(|n| n != vm);
+        if attached {
+            names.push(vm.to_string());
+        }
+        names.sort();
+        if names == {
+            let mut cur = attached_to(dv);
+            cur.sort();
+            cur
+        } {
+            return Ok(());
+        }
+        let value = if names.is_empty() {
+            serde_json::Value::Null
+        } else {
+            names.join(",").into()
+        };
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": dv.resource_version(), "annotations": {ANN_ATTACHED_TO: value}}
+        });
+        let id = dv.name_any();
+        self.infra
+            .dvs
+            .patch(&id, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ControllerError::infra(format!("recording the attachment of volume {id}"))(
+                    InfraError::from_kube("DataVolume", self.infra.namespace(), &id, e),
+                )
+            })
+    }
+
+    /// Waits on a watch of the VMI until the volume's status entry is Ready.
+    async fn wait_attached(&self, node: &NodeId, id: &str) -> Result<(), ControllerError> {
+        let what = format!("volume {id} to become Ready in {node}");
+        wait_for(
+            self.infra.vmis.clone(),
+            &node.vm,
+            &what,
+            self.settings.timeouts.attach,
+            |vmi: Option<&VirtualMachineInstance>| {
+                let Some(vmi) = vmi else {
+                    return Progress::Failed(format!(
+                        "worker VM {node} stopped while volume {id} was being attached"
+                    ));
+                };
+                match vmi
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.volume_status.iter().find(|e| e.name == id))
+                {
+                    Some(e) if e.phase.as_deref() == Some(VOLUME_READY) => Progress::Done,
+                    Some(e) if e.reason.as_deref().is_some_and(|r| r.contains("Fail")) => {
+                        Progress::Failed(format!(
+                            "KubeVirt reports {}: {}",
+                            e.reason.clone().unwrap_or_default(),
+                            e.message.clone().unwrap_or_default()
+                        ))
+                    }
+                    _ => Progress::Pending,
+                }
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| wait_error(e, format!("attaching volume {id} to {node}")))
+    }
+
+    /// ControllerUnpublishVolume. Spec rules honoured: volume_id and node_id are required;
+    /// a volume or node that does not exist (or is not this tenant's) is already
+    /// unpublished, so the answer is OK; returns only once the disk is gone from the VM.
+    #[instrument(skip_all, fields(volume_id = %req.volume_id, node_id = %req.node_id))]
+    pub async fn controller_unpublish_volume(
+        &self,
+        req: csi::ControllerUnpublishVolumeRequest,
+    ) -> Result<csi::ControllerUnpublishVolumeResponse, ControllerError> {
+        let id = required(&req.volume_id, "volume_id")?;
+        required(&req.node_id, "node_id")?;
+        let Ok(node) = NodeId::parse(&req.node_id) else {
+            return Ok(csi::ControllerUnpublishVolumeResponse {});
+        };
+        if node.namespace != self.infra.namespace() {
+            return Ok(csi::ControllerUnpublishVolumeResponse {});
+        }
+        let _guard = self.locks.try_lock(id)?;
+        let ctx = |what: &str| ControllerError::infra(format!("{what} for volume {id} on {node}"));
+        let dv = self
+            .infra
+            .data_volume(id)
+            .await
+            .map_err(ctx("looking up the volume"))?;
+        let vm = self
+            .infra
+            .vm(&node.vm)
+            .await
+            .map_err(ctx("looking up the vm"))?;
+        let vmi = self
+            .infra
+            .vmi(&node.vm)
+            .await
+            .map_err(ctx("looking up the vmi"))?;
+        let target = if vm_has_volume(vm.as_ref(), id) {
+            Some(HotplugTarget::Vm)
+        } else if vmi_has_volume(vmi.as_ref(), id) {
+            Some(HotplugTarget::Vmi)
+        } else {
+            None
+        };
+        if let Some(target) = target {
+            info!(?target, "unplugging volume");
+            self.unplug(target, &node.vm, id)
+                .await
+                .map_err(ctx("unplugging"))?;
+        }
+        if vmi.is_some() {
+            let what = format!("volume {id} to leave {node}");
+            wait_for(
+                self.infra.vmis.clone(),
+                &node.vm,
+                &what,
+                self.settings.timeouts.detach,
+                |vmi: Option<&VirtualMachineInstance>| {
+                    if vmi_has_volume(vmi, id) {
+                        Progress::Pending
+                    } else {
+                        Progress::Done
+                    }
+                },
+            )
+            .await
+            .map_err(|e| wait_error(e, format!("detaching volume {id} from {node}")))?;
+        }
+        if let Some(dv) = dv {
+            self.record_attachment(&dv, &node.vm, false).await?;
+        }
+        info!("volume detached");
+        Ok(csi::ControllerUnpublishVolumeResponse {})
+    }
+
+    async fn unplug(&self, target: HotplugTarget, vm: &str, id: &str) -> Result<(), InfraError> {
+        if self.settings.hotplug_mode == HotplugMode::Declarative && target == HotplugTarget::Vm {
+            let current = self.infra.vm(vm).await?;
+            let spec = current
+                .as_ref()
+                .and_then(|v| v.spec.template.as_ref())
+                .and_then(|t| t.spec.as_ref());
+            let vol_idx = spec.and_then(|s| s.volumes.iter().position(|v| v.name == id));
+            let disk_idx = spec
+                .and_then(|s| s.domain.as_ref())
+                .and_then(|d| d.devices.disks.iter().position(|d| d.name == id));
+            let mut ops = Vec::new();
+            if let Some(i) = vol_idx {
+                ops.push(serde_json::json!({"op": "test", "path": format!("/spec/template/spec/volumes/{i}/name"), "value": id}));
+                ops.push(serde_json::json!({"op": "remove", "path": format!("/spec/template/spec/volumes/{i}")}));
+            }
+            if let Some(i) = disk_idx {
+                ops.push(serde_json::json!({"op": "test", "path": format!("/spec/template/spec/domain/devices/disks/{i}/name"), "value": id}));
+                ops.push(serde_json::json!({"op": "remove", "path": format!("/spec/template/spec/domain/devices/disks/{i}")}));
+            }
+            if ops.is_empty() {
+                return Ok(());
+            }
+            let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+                .map_err(|e| InfraError::Rejected {
+                    kind: "VirtualMachine",
+                    name: vm.to_string(),
+                    message: e.to_string(),
+                })?;
+            return self
+                .infra
+                .vms
+                .patch(vm, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    InfraError::from_kube("VirtualMachine", self.infra.namespace(), vm, e)
+                });
+        }
+        match self
+            .infra
+            .remove_volume(
+                target,
+                vm,
+                &RemoveVolumeOptions {
+                    name: id.to_string(),
+                },
+            )
+            .await
+        {
+            Err(InfraError::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        assert_eq!(
+            NodeId::parse("tenant-a/worker-0").unwrap(),
+            NodeId {
+                namespace: "tenant-a".into(),
+                vm: "worker-0".into()
+            }
+        );
+        for bad in ["", "worker", "a/b/c", "/vm", "ns/", "NS/vm", "ns/vm_1"] {
+            assert_eq!(
+                NodeId::parse(bad).unwrap_err().code(),
+                tonic::Code::NotFound,
+                "{bad:?}"
+            );
+        }
+    }
+}

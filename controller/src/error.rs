@@ -1,0 +1,217 @@
+//! The controller's errors and their one mapping to gRPC codes.
+//!
+//! Every variant is mapped explicitly (no catch-all arm), so a new failure forces a
+//! decision about what the CSI sidecars should do with it: ABORTED, UNAVAILABLE and
+//! DEADLINE_EXCEEDED make them retry; INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS and
+//! FAILED_PRECONDITION tell them the request itself cannot succeed as it is.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+/// A failure talking to the infra cluster, classified by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum InfraError {
+    /// The object does not exist, or exists but does not belong to this tenant.
+    #[error("{kind} {namespace}/{name} not found")]
+    NotFound {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
+    /// Someone else changed the object first, or KubeVirt refused a duplicate hotplug.
+    #[error("conflict on {kind} {name}: {message}")]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+    /// The controller's infra credentials lack a permission.
+    #[error(
+        "the controller's infra credentials may not access {kind} {name}: {message} (check the infra Role)"
+    )]
+    Forbidden {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+    /// The infra apiserver rejected an object we sent.
+    #[error("the infra cluster rejected {kind} {name}: {message}")]
+    Rejected {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+    /// The infra apiserver (or an aggregated API such as virt-api) cannot be reached or
+    /// answered with a server error.
+    #[error("the infra cluster is unavailable while accessing {kind} {name}")]
+    Unavailable {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// A wait on a watch ran out of time.
+    #[error("timed out after {waited:?} waiting for {what}")]
+    Timeout { what: String, waited: Duration },
+}
+
+impl InfraError {
+    /// Classifies a kube error for an operation on `kind`/`name`.
+    pub fn from_kube(kind: &'static str, namespace: &str, name: &str, err: kube::Error) -> Self {
+        match err {
+            kube::Error::Api(s) => match s.code {
+                404 => InfraError::NotFound {
+                    kind,
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                },
+                409 => InfraError::Conflict {
+                    kind,
+                    name: name.to_string(),
+                    message: s.message,
+                },
+                401 | 403 => InfraError::Forbidden {
+                    kind,
+                    name: name.to_string(),
+                    message: s.message,
+                },
+                400 | 422 => InfraError::Rejected {
+                    kind,
+                    name: name.to_string(),
+                    message: s.message,
+                },
+                _ => InfraError::Unavailable {
+                    kind,
+                    name: name.to_string(),
+                    source: Box::new(kube::Error::Api(s)),
+                },
+            },
+            other => InfraError::Unavailable {
+                kind,
+                name: name.to_string(),
+                source: Box::new(other),
+            },
+        }
+    }
+}
+
+/// Why a controller RPC failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The caller should start over (e.g. a pagination token we did not issue).
+    #[error("{0}")]
+    Aborted(String),
+    /// Another operation on the same volume or snapshot is in flight.
+    #[error("an operation on {0} is already in progress")]
+    InProgress(String),
+    /// The infra cluster failed; `context` says what we were doing.
+    #[error("{context}")]
+    Infra {
+        context: String,
+        #[source]
+        source: InfraError,
+    },
+}
+
+impl ControllerError {
+    pub fn infra(context: impl Into<String>) -> impl FnOnce(InfraError) -> Self {
+        let context = context.into();
+        move |source| ControllerError::Infra { context, source }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ControllerError::InvalidArgument(_) => Code::InvalidArgument,
+            ControllerError::NotFound(_) => Code::NotFound,
+            ControllerError::AlreadyExists(_) => Code::AlreadyExists,
+            ControllerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ControllerError::OutOfRange(_) => Code::OutOfRange,
+            ControllerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ControllerError::Aborted(_) => Code::Aborted,
+            ControllerError::InProgress(_) => Code::Aborted,
+            ControllerError::Infra { source, .. } => match source {
+                InfraError::NotFound { .. } => Code::NotFound,
+                InfraError::Conflict { .. } => Code::Aborted,
+                InfraError::Forbidden { .. } => Code::FailedPrecondition,
+                InfraError::Rejected { .. } => Code::FailedPrecondition,
+                InfraError::Unavailable { .. } => Code::Unavailable,
+                InfraError::Timeout { .. } => Code::DeadlineExceeded,
+            },
+        }
+    }
+}
+
+/// The message keeps the whole source chain, so the sidecar's event shows the cause.
+impl From<ControllerError> for Status {
+    fn from(err: ControllerError) -> Self {
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Status::new(err.code(), message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("boom", "Reason")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn kube_errors_map_to_the_codes_the_sidecars_expect() {
+        let cases = [
+            (404, Code::NotFound),
+            (409, Code::Aborted),
+            (403, Code::FailedPrecondition),
+            (422, Code::FailedPrecondition),
+            (500, Code::Unavailable),
+            (503, Code::Unavailable),
+        ];
+        for (http, want) in cases {
+            let err = ControllerError::Infra {
+                context: "creating datavolume x".into(),
+                source: InfraError::from_kube("DataVolume", "ns", "x", api(http)),
+            };
+            assert_eq!(err.code(), want, "HTTP {http}");
+        }
+    }
+
+    #[test]
+    fn status_message_keeps_the_chain() {
+        let err = ControllerError::infra("attaching volume v to vm ns/w")(InfraError::Timeout {
+            what: "volume v to become Ready on ns/w".into(),
+            waited: Duration::from_secs(10),
+        });
+        let st: Status = err.into();
+        assert_eq!(st.code(), Code::DeadlineExceeded);
+        assert!(
+            st.message()
+                .starts_with("attaching volume v to vm ns/w: timed out after 10s"),
+            "{}",
+            st.message()
+        );
+    }
+}
