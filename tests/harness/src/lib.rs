@@ -1,1 +1,17 @@
+//! Test harness for kubevirt-csi: real processes, cleaned up on drop.
+//!
+//! - [`cluster::ControlPlane`]: etcd + kube-apiserver with client-cert auth, RBAC,
+//!   service-account signing and the aggregation layer configured;
+//! - [`crds`]: installs the upstream KubeVirt, CDI and snapshot CRDs;
+//! - [`proxy::TcpProxy`]: a loopback TCP proxy that can cut every connection, to test
+//!   how clients survive lost watches;
+//! - [`tools`]: where the pinned external tools and the workspace binaries live.
 #![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod cluster;
+pub mod crds;
+pub mod process;
+pub mod proxy;
+pub mod tools;
+pub mod vm;
