@@ -1,0 +1,83 @@
+//! Command-line flags and the settings the node service runs with.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::context::Bus;
+use crate::discovery::Sysfs;
+use crate::node_id::NodeId;
+use crate::paths::KubeletRoot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// kubevirt-csi node plugin: serves CSI Identity and Node inside a KubeVirt worker VM.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kubevirt-csi-node", version)]
+pub struct Args {
+    /// Where to serve: unix:///path/to/csi.sock or tcp://127.0.0.1:port.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// The infra VM backing this node as <namespace>/<vm-name>; read from the Node object
+    /// named by --node-name when absent.
+    #[arg(long, env = "KUBEVIRT_CSI_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The guest Node to read the infra VM from.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Staging and target paths must lie under this directory.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// Where sysfs is mounted (a fixture tree in tests).
+    #[arg(long, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Where device nodes live.
+    #[arg(long, default_value = "/dev")]
+    pub dev_root: PathBuf,
+    /// The bus volumes are hotplugged on, for max_volumes_per_node.
+    #[arg(long, default_value = "scsi")]
+    pub bus: Bus,
+    /// Overrides the bus's volume limit (0 = no limit).
+    #[arg(long)]
+    pub max_volumes: Option<i64>,
+    /// How long NodeStage waits for a hotplugged disk to appear.
+    #[arg(long, default_value_t = 120)]
+    pub discovery_timeout_secs: u64,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl clap::builder::ValueParserFactory for Bus {
+    type Parser = clap::builder::ValueParser;
+
+    fn value_parser() -> Self::Parser {
+        clap::builder::ValueParser::new(|s: &str| s.parse::<Bus>())
+    }
+}
+
+/// What the node service needs to serve.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub kubelet_root: KubeletRoot,
+    pub sysfs: Sysfs,
+    pub discovery_timeout: Duration,
+    pub max_volumes_per_node: i64,
+}
+
+impl NodeConfig {
+    pub fn from_args(args: &Args, node_id: NodeId) -> Self {
+        Self {
+            node_id,
+            kubelet_root: KubeletRoot::new(args.kubelet_root.clone()),
+            sysfs: Sysfs::new(&args.sysfs_root, &args.dev_root),
+            discovery_timeout: Duration::from_secs(args.discovery_timeout_secs),
+            max_volumes_per_node: args.max_volumes.unwrap_or(args.bus.max_hotplug_volumes()),
+        }
+    }
+}
