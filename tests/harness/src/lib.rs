@@ -11,6 +11,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod crds;
+pub mod csi;
 pub mod process;
 pub mod proxy;
 pub mod tools;
