@@ -8,10 +8,25 @@ KVCSI_CACHE="${KVCSI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubevirt-csi}"
 # Pinned versions. Bumping one of these rebuilds only that tool.
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 CSI_SANITY_VERSION="${CSI_SANITY_VERSION:-v5.4.0}"
+# CSI sidecars (hack/tools.sh sidecars, and the images deploy/ names). One release line: the
+# releases built against k8s.io/* v0.36 and CSI spec v1.12.0 (the next ones move to spec 1.13);
+# their READMEs give minimum Kubernetes versions of 1.16-1.20, well below our 1.34. Module
+# paths carry the major version (/v6, /v4, ...). Keep deploy/ image tags equal to these.
+CSI_PROVISIONER_VERSION="${CSI_PROVISIONER_VERSION:-v6.3.0}"
+CSI_ATTACHER_VERSION="${CSI_ATTACHER_VERSION:-v4.12.0}"
+CSI_RESIZER_VERSION="${CSI_RESIZER_VERSION:-v2.2.0}"
+CSI_SNAPSHOTTER_VERSION="${CSI_SNAPSHOTTER_VERSION:-v8.6.0}"
+# Image-only pins: these two modules are declared without a /v2 suffix, so their v2.x tags are
+# not valid module versions, and the module proxy this project can reach refuses them anyway.
+# hack/tools.sh does not build them; deploy/ uses their images at these versions.
+CSI_NODE_DRIVER_REGISTRAR_VERSION="${CSI_NODE_DRIVER_REGISTRAR_VERSION:-v2.17.0}"
+CSI_LIVENESSPROBE_VERSION="${CSI_LIVENESSPROBE_VERSION:-v2.19.0}"
 # Debian bookworm ships etcd 3.4.23; kube-apiserver <= 1.34 works with it.
 ETCD_DEB_VERSION_PREFIX="3.4."
 
 export KVCSI_ROOT KVCSI_CACHE K8S_VERSION CSI_SANITY_VERSION
+export CSI_PROVISIONER_VERSION CSI_ATTACHER_VERSION CSI_RESIZER_VERSION CSI_SNAPSHOTTER_VERSION
+export CSI_NODE_DRIVER_REGISTRAR_VERSION CSI_LIVENESSPROBE_VERSION
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -22,7 +37,7 @@ stage() {
   local start end rc
   start=$(date +%s.%N)
   log "stage '$name' started"
-  "$@"; rc=$?
+  if "$@"; then rc=0; else rc=$?; fi
   end=$(date +%s.%N)
   log "$(awk -v n="$name" -v s="$start" -v e="$end" -v r="$rc" 'BEGIN{printf "stage \x27%s\x27 finished in %.1fs (exit %d)", n, e-s, r}')"
   return $rc

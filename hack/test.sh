@@ -8,6 +8,7 @@ cd "$KVCSI_ROOT"
 
 stage tools "$KVCSI_ROOT/hack/tools.sh" all
 stage crds "$KVCSI_ROOT/hack/crds.sh"
+stage guest "$KVCSI_ROOT/hack/guest.sh"
 eval "$("$KVCSI_ROOT/hack/tools.sh" --env)"
 
 stage fmt cargo fmt --all -- --check

@@ -2,7 +2,7 @@
 # Installs or builds every external tool the tests and the local stack need, at pinned
 # versions, cached under $KVCSI_CACHE. A warm run only checks the cache and takes seconds.
 #
-# Usage: hack/tools.sh [all|k8s|sanity|debs]   (default: all)
+# Usage: hack/tools.sh [all|k8s|sanity|sidecars|debs]   (default: all)
 # Prints "export VAR=path" lines for the built tools on stdout when called with --env.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -77,6 +77,94 @@ sanity() {
     || die "go install csi-sanity failed"
 }
 
+# The CSI sidecars the end-to-end tests run against the plugins: NAME MODULE VERSION, one a
+# line. Each builds to $KVCSI_CACHE/bin/NAME-VERSION/NAME.
+sidecar_list() {
+  cat <<EOF
+csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 $CSI_PROVISIONER_VERSION
+csi-attacher github.com/kubernetes-csi/external-attacher/v4 $CSI_ATTACHER_VERSION
+csi-resizer github.com/kubernetes-csi/external-resizer/v2 $CSI_RESIZER_VERSION
+csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 $CSI_SNAPSHOTTER_VERSION
+snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8 $CSI_SNAPSHOTTER_VERSION
+EOF
+}
+
+sidecar_bin() { echo "$KVCSI_CACHE/bin/$1-$2/$1"; }
+
+# build_sidecar NAME MODULE VERSION: `go install MODULE/cmd/NAME@VERSION` when the module's
+# go.mod has no replace directives (go install refuses those). Otherwise a wrapper module
+# requires MODULE@VERSION and repeats its replaces, so the build resolves exactly the
+# dependency versions upstream released with; a replace onto a directory inside the
+# repository (external-snapshotter's ./client) becomes that sub-module's published release of
+# the same version.
+build_sidecar() {
+  local name=$1 module=$2 version=$3
+  local out; out=$(sidecar_bin "$name" "$version")
+  if [ -x "$out" ]; then
+    log "$name $version cached in $(dirname "$out")"
+    return 0
+  fi
+  local dir; dir=$(dirname "$out")
+  local src="$KVCSI_CACHE/src/sidecar-$name-$version"
+  local ldflags="-s -w -X main.version=$version"
+  mkdir -p "$src"
+  local gomod
+  gomod=$(cd "$src" && GOFLAGS=-mod=mod go mod download -json "$module@$version" \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("GoMod") or sys.exit(d.get("Error", "no go.mod")))') \
+    || die "cannot download $module@$version from the module proxy"
+  mkdir -p "$dir"
+  local replaces
+  replaces=$(go mod edit -json "$gomod" | python3 -c '
+import json, sys
+mod = json.load(sys.stdin)
+for r in mod.get("Replace") or []:
+    old, new = r["Old"], r["New"]
+    lhs = old["Path"] + (" " + old["Version"] if old.get("Version") else "")
+    if new.get("Version"):
+        print("replace %s => %s %s" % (lhs, new["Path"], new["Version"]))
+    else:
+        # a directory in the same repository: its published release of the same tag
+        print("replace %s => %s %s" % (lhs, old["Path"], sys.argv[1]))
+' "$version")
+  if [ -z "$replaces" ]; then
+    log "building $name $version with go install"
+    GOBIN="$dir" GOFLAGS=-mod=mod go install -trimpath -ldflags "$ldflags" "$module/cmd/$name@$version" \
+      || die "go install $module/cmd/$name@$version failed"
+    return 0
+  fi
+  local godirective
+  godirective=$(go mod edit -json "$gomod" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("Go") or "1.24")')
+  {
+    echo "module kvcsi.local/sidecar-wrapper/$name"
+    echo
+    echo "go $godirective"
+    echo
+    echo "require $module $version"
+    echo
+    echo "$replaces"
+  } > "$src/go.mod"
+  cat > "$src/tools.go" <<GO
+//go:build tools
+
+package tools
+
+import _ "$module/cmd/$name"
+GO
+  (cd "$src" && GOFLAGS=-mod=mod go mod tidy >&2) || die "go mod tidy for the $name wrapper failed"
+  log "building $name $version from a wrapper module (upstream go.mod has replace directives)"
+  (cd "$src" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$module/cmd/$name") \
+    || die "building $name $version failed"
+  mv "$out.tmp" "$out"
+}
+
+sidecars() {
+  local name module version
+  while read -r name module version; do
+    stage "$name $version" build_sidecar "$name" "$module" "$version"
+  done < <(sidecar_list)
+  log "node-driver-registrar $CSI_NODE_DRIVER_REGISTRAR_VERSION and livenessprobe $CSI_LIVENESSPROBE_VERSION are image-only pins (see hack/lib.sh); not built"
+}
+
 print_env() {
   echo "export KVCSI_CACHE='$KVCSI_CACHE'"
   echo "export KUBE_APISERVER='$K8S_BIN/kube-apiserver'"
@@ -84,6 +172,11 @@ print_env() {
   echo "export KUBECTL='$K8S_BIN/kubectl'"
   echo "export ETCD='$(command -v etcd || echo /usr/bin/etcd)'"
   echo "export CSI_SANITY='$SANITY_BIN/csi-sanity'"
+  echo "export CSI_PROVISIONER='$(sidecar_bin csi-provisioner "$CSI_PROVISIONER_VERSION")'"
+  echo "export CSI_ATTACHER='$(sidecar_bin csi-attacher "$CSI_ATTACHER_VERSION")'"
+  echo "export CSI_RESIZER='$(sidecar_bin csi-resizer "$CSI_RESIZER_VERSION")'"
+  echo "export CSI_SNAPSHOTTER='$(sidecar_bin csi-snapshotter "$CSI_SNAPSHOTTER_VERSION")'"
+  echo "export SNAPSHOT_CONTROLLER='$(sidecar_bin snapshot-controller "$CSI_SNAPSHOTTER_VERSION")'"
 }
 
 what=${1:-all}
@@ -91,7 +184,8 @@ case "$what" in
   debs) stage debs debs ;;
   k8s) stage "kubernetes $K8S_VERSION" k8s ;;
   sanity) stage "csi-sanity $CSI_SANITY_VERSION" sanity ;;
-  all) stage debs debs; stage "kubernetes $K8S_VERSION" k8s; stage "csi-sanity $CSI_SANITY_VERSION" sanity ;;
+  sidecars) stage "csi sidecars" sidecars ;;
+  all) stage debs debs; stage "kubernetes $K8S_VERSION" k8s; stage "csi-sanity $CSI_SANITY_VERSION" sanity; stage "csi sidecars" sidecars ;;
   --env) print_env ;;
-  *) die "unknown target '$what' (all|k8s|sanity|debs|--env)" ;;
+  *) die "unknown target '$what' (all|k8s|sanity|sidecars|debs|--env)" ;;
 esac
