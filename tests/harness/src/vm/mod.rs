@@ -420,6 +420,11 @@ impl WorkerVm {
         &self.ports
     }
 
+    /// A QMP socket left free for another client (the stand-in attaches disks through it).
+    pub fn external_qmp_socket(&self) -> PathBuf {
+        self.work_dir.path().join("qmp-external.sock")
+    }
+
     /// The QMP session, for commands this module does not wrap.
     pub fn qmp(&self) -> &Qmp {
         &self.qmp

@@ -60,6 +60,12 @@ impl Launch {
         self.work_dir.join("qmp.sock")
     }
 
+    /// A second QMP monitor, for a client outside the harness (the stand-in's QEMU
+    /// backend): one QMP socket serves one client at a time.
+    pub fn external_qmp_socket(&self) -> PathBuf {
+        self.work_dir.join("qmp-external.sock")
+    }
+
     /// QEMU's arguments (without the program name).
     pub fn args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
@@ -103,6 +109,13 @@ impl Launch {
         push(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
+        ]);
+        push(&[
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                self.external_qmp_socket().display()
+            ),
         ]);
         push(&[
             "-virtfs",
