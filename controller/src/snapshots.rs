@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use csi_proto::v1 as csi;
-use kube::ResourceExt;
 use kube::core::ObjectMeta;
+use kube::{Resource, ResourceExt};
 use tracing::{info, instrument};
 
 use crate::driver::{ANN_CSI_NAME, Driver, required};
@@ -236,6 +236,7 @@ impl Driver {
         };
         let items: Vec<(String, VolumeSnapshot)> = all
             .into_iter()
+            .filter(|vs| vs.meta().deletion_timestamp.is_none())
             .filter(|vs| req.source_volume_id.is_empty() || source_of(vs) == req.source_volume_id)
             .map(|vs| (vs.name_any(), vs))
             .collect();

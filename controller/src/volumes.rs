@@ -521,7 +521,12 @@ impl Driver {
             .data_volumes()
             .await
             .map_err(ControllerError::infra("listing volumes"))?;
-        let items: Vec<(String, DataVolume)> = dvs.into_iter().map(|d| (d.name_any(), d)).collect();
+        // A volume being deleted is gone as far as CSI is concerned.
+        let items: Vec<(String, DataVolume)> = dvs
+            .into_iter()
+            .filter(|d| d.metadata.deletion_timestamp.is_none())
+            .map(|d| (d.name_any(), d))
+            .collect();
         let (page, next_token) = listing::page(items, &req.starting_token, req.max_entries)?;
         let mut entries = Vec::with_capacity(page.len());
         for dv in page {
