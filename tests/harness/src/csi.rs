@@ -34,7 +34,11 @@ pub enum CsiError {
         source: tonic::transport::Error,
     },
     #[error("cannot read or apply {what}")]
-    Rbac { what: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Rbac {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A gRPC channel to a plugin on a unix socket.
@@ -42,10 +46,17 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, CsiError> {
     let path = path.to_path_buf();
     let target = path.display().to_string();
     Endpoint::try_from("http://localhost")
-        .map_err(|source| CsiError::Connect { target: target.clone(), source })?
+        .map_err(|source| CsiError::Connect {
+            target: target.clone(),
+            source,
+        })?
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await
         .map_err(|source| CsiError::Connect { target, source })
@@ -55,7 +66,10 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, CsiError> {
 pub async fn connect_tcp(addr: std::net::SocketAddr) -> Result<Channel, CsiError> {
     let target = format!("http://{addr}");
     Endpoint::try_from(target.clone())
-        .map_err(|source| CsiError::Connect { target: target.clone(), source })?
+        .map_err(|source| CsiError::Connect {
+            target: target.clone(),
+            source,
+        })?
         .connect()
         .await
         .map_err(|source| CsiError::Connect { target, source })
@@ -63,14 +77,20 @@ pub async fn connect_tcp(addr: std::net::SocketAddr) -> Result<Channel, CsiError
 
 /// Grants `user` the controller's infra Role from `deploy/infra/role.yaml` in `namespace`,
 /// so tests run the controller with exactly the permissions we ship.
-pub async fn grant_controller_role(client: &kube::Client, namespace: &str, user: &str) -> Result<(), CsiError> {
+pub async fn grant_controller_role(
+    client: &kube::Client,
+    namespace: &str,
+    user: &str,
+) -> Result<(), CsiError> {
     let path = repo_root().join("deploy/infra/role.yaml");
     let rbac = |what: &str| {
         let what = what.to_string();
         move |e: Box<dyn std::error::Error + Send + Sync>| CsiError::Rbac { what, source: e }
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| rbac(&path.display().to_string())(e.into()))?;
-    let role: Role = serde_yaml::from_str(&text).map_err(|e| rbac(&path.display().to_string())(e.into()))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| rbac(&path.display().to_string())(e.into()))?;
+    let role: Role =
+        serde_yaml::from_str(&text).map_err(|e| rbac(&path.display().to_string())(e.into()))?;
     let name = role.metadata.name.clone().unwrap_or_default();
     let pp = PatchParams::apply("kvcsi-harness").force();
     Api::<Role>::namespaced(client.clone(), namespace)
@@ -119,7 +139,10 @@ impl ControllerPlugin {
         let dir = ScratchDir::new("controller")?;
         let write = |name: &str, text: &str| -> Result<PathBuf, CsiError> {
             let path = dir.path().join(name);
-            std::fs::write(&path, text).map_err(|source| CsiError::Write { path: path.clone(), source })?;
+            std::fs::write(&path, text).map_err(|source| CsiError::Write {
+                path: path.clone(),
+                source,
+            })?;
             Ok(path)
         };
         let kubeconfig = write("infra.kubeconfig", &opts.infra_kubeconfig)?;
@@ -136,11 +159,25 @@ impl ControllerPlugin {
             args.push(format!("--config={}", write("config.yaml", cfg)?.display()));
         }
         args.extend(opts.extra_args.iter().cloned());
-        let mut process = ManagedProcess::spawn_with("kubevirt-csi-controller", &bin, &args, &dir.path().join("controller.log"), |c| {
-            c.env("RUST_LOG", std::env::var("KVCSI_LOG").unwrap_or_else(|_| "info".into()));
-        })?;
+        let mut process = ManagedProcess::spawn_with(
+            "kubevirt-csi-controller",
+            &bin,
+            &args,
+            &dir.path().join("controller.log"),
+            |c| {
+                c.env(
+                    "RUST_LOG",
+                    std::env::var("KVCSI_LOG").unwrap_or_else(|_| "info".into()),
+                );
+            },
+        )?;
         let channel = wait_for_socket(&mut process, &socket, Duration::from_secs(20)).await?;
-        Ok(Self { process, socket, channel, _dir: dir })
+        Ok(Self {
+            process,
+            socket,
+            channel,
+            _dir: dir,
+        })
     }
 
     pub fn socket(&self) -> &Path {
@@ -174,7 +211,11 @@ pub fn node_client(channel: Channel) -> NodeClient<Channel> {
     NodeClient::new(channel)
 }
 
-async fn wait_for_socket(process: &mut ManagedProcess, socket: &Path, timeout: Duration) -> Result<Channel, CsiError> {
+async fn wait_for_socket(
+    process: &mut ManagedProcess,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<Channel, CsiError> {
     let deadline = Instant::now() + timeout;
     loop {
         process.check_running()?;
@@ -182,7 +223,11 @@ async fn wait_for_socket(process: &mut ManagedProcess, socket: &Path, timeout: D
             && let Ok(channel) = connect_unix(socket).await
         {
             let mut id = IdentityClient::new(channel.clone());
-            if id.get_plugin_info(csi_proto::v1::GetPluginInfoRequest {}).await.is_ok() {
+            if id
+                .get_plugin_info(csi_proto::v1::GetPluginInfoRequest {})
+                .await
+                .is_ok()
+            {
                 return Ok(channel);
             }
         }

@@ -1,0 +1,274 @@
+//! The whole driver stack on one machine: an infra control plane with the upstream CRDs
+//! and the KubeVirt/CDI stand-in, one tenant, the controller plugin under the shipped infra
+//! Role, and the node plugin either on the host or inside a real QEMU worker VM whose
+//! disks the stand-in hotplugs over QMP. csi-sanity and the local demo run on it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::cluster::{ControlPlane, ControlPlaneOptions};
+use crate::csi::{ControllerOptions, ControllerPlugin, connect_tcp, connect_unix};
+use crate::fixtures::{self, TenantFixture};
+use crate::process::{ManagedProcess, ScratchDir};
+use crate::standin::{Standin, StandinOptions};
+use crate::tools::workspace_bin;
+use crate::vm::{VmOptions, WorkerVm};
+
+/// Guest port the node plugin listens on inside the VM.
+const NODE_PORT: u16 = 10000;
+
+/// Where the node plugin runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePlacement {
+    /// On the host, for controller-side runs (no disk ever reaches it).
+    Host,
+    /// Inside a QEMU worker VM; disks are hotplugged for real.
+    Vm,
+}
+
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    pub node: NodePlacement,
+    /// `scsi` or `virtio`: the StorageClass `bus` and the controller's default.
+    pub bus: String,
+    pub namespace: String,
+    pub vm_name: String,
+    pub controller_args: Vec<String>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            node: NodePlacement::Vm,
+            bus: "scsi".into(),
+            namespace: "tenant-a".into(),
+            vm_name: "worker-0".into(),
+            controller_args: Vec::new(),
+        }
+    }
+}
+
+/// Controller config used by the stack: the test StorageClasses are allowed.
+pub const CONTROLLER_CONFIG: &str = "storageClassEnforcement:\n  allowList: [fast, slow]\n  allowDefault: true\nsnapshotClasses:\n- infraStorageClass: fast\n  infraSnapshotClass: fast-snap\n";
+
+/// A running stack; everything stops, in reverse order of start, when dropped.
+pub struct Stack {
+    _node_process: Option<ManagedProcess>,
+    pub controller: ControllerPlugin,
+    pub vm: Option<WorkerVm>,
+    pub standin: Standin,
+    pub tenant: TenantFixture,
+    pub cp: ControlPlane,
+    node_endpoint: String,
+    options: StackOptions,
+    dir: ScratchDir,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Result<Self, BoxError> {
+        let t = Instant::now();
+        let dir = ScratchDir::new("stack")?;
+        let kubelet = dir.path().join("kubelet");
+        std::fs::create_dir_all(&kubelet)?;
+
+        let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
+        let client = cp.client().await?;
+        crate::crds::install(&client).await?;
+        fixtures::infra_storage_classes(&client).await?;
+        let standin = Standin::start(&cp, StandinOptions::default()).await?;
+        let tenant = fixtures::tenant(&cp, &options.namespace, &[("cluster", "a")], None).await?;
+        tracing::info!(took = ?t.elapsed(), "infra cluster up");
+
+        let node_id = format!("{}/{}", options.namespace, options.vm_name);
+        let node_bin = workspace_bin("kubevirt-csi-node")?;
+        let node_args = |endpoint: String| -> Vec<String> {
+            vec![
+                format!("--endpoint={endpoint}"),
+                format!("--node-id={node_id}"),
+                format!("--kubelet-root={}", kubelet.display()),
+                format!("--bus={}", options.bus),
+                "--discovery-timeout-secs=30".into(),
+            ]
+        };
+        let (vm, node_process, node_endpoint) = match options.node {
+            NodePlacement::Host => {
+                fixtures::worker_vm(&client, &tenant, &options.vm_name, None).await?;
+                let sock = dir.path().join("node.sock");
+                let args = node_args(format!("unix://{}", sock.display()));
+                let process = ManagedProcess::spawn(
+                    "kubevirt-csi-node",
+                    &node_bin,
+                    &args,
+                    &dir.path().join("node.log"),
+                )?;
+                wait_until(Duration::from_secs(20), || {
+                    let sock = sock.clone();
+                    async move { connect_unix(&sock).await.is_ok() && sock.exists() }
+                })
+                .await
+                .map_err(|_| format!("node plugin did not listen on {}", sock.display()))?;
+                (None, Some(process), format!("unix://{}", sock.display()))
+            }
+            NodePlacement::Vm => {
+                let mut vm_opts = VmOptions::new(workspace_bin("kvcsi-guest-agent")?);
+                vm_opts.shared_dir = Some(dir.path().to_path_buf());
+                vm_opts.forwarded_ports = vec![NODE_PORT];
+                let vm = WorkerVm::boot(vm_opts).await?;
+                tracing::info!(took = ?vm.boot_duration(), "worker VM booted");
+                fixtures::worker_vm(
+                    &client,
+                    &tenant,
+                    &options.vm_name,
+                    Some(&vm.external_qmp_socket()),
+                )
+                .await?;
+                let mut argv = vec![node_bin.display().to_string()];
+                argv.extend(node_args(format!("tcp://0.0.0.0:{NODE_PORT}")));
+                vm.spawn_background(argv, Some(&format!("{}/node.log", dir.path().display())))
+                    .await?;
+                let port = vm
+                    .host_port(NODE_PORT)
+                    .ok_or("node port is not forwarded")?;
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                wait_until(Duration::from_secs(30), || async move {
+                    match connect_tcp(addr).await {
+                        Ok(ch) => csi_proto::v1::identity_client::IdentityClient::new(ch)
+                            .get_plugin_info(csi_proto::v1::GetPluginInfoRequest {})
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    }
+                })
+                .await
+                .map_err(|_| {
+                    format!(
+                        "node plugin in the VM did not answer on {addr}; see {}/node.log",
+                        dir.path().display()
+                    )
+                })?;
+                (Some(vm), None, addr.to_string())
+            }
+        };
+
+        let mut controller_args = vec![format!("--default-bus={}", options.bus)];
+        controller_args.extend(options.controller_args.iter().cloned());
+        let controller = ControllerPlugin::start(ControllerOptions {
+            infra_kubeconfig: tenant.controller_kubeconfig.clone(),
+            namespace: tenant.namespace.clone(),
+            tenant_labels: tenant.label_args(),
+            config_yaml: Some(CONTROLLER_CONFIG.into()),
+            extra_args: controller_args,
+        })
+        .await?;
+        tracing::info!(took = ?t.elapsed(), "stack up");
+        Ok(Self {
+            _node_process: node_process,
+            controller,
+            vm,
+            standin,
+            tenant,
+            cp,
+            node_endpoint,
+            options,
+            dir,
+        })
+    }
+
+    /// The node plugin's endpoint as csi-sanity takes it (`unix:///...` or `host:port`).
+    pub fn node_endpoint(&self) -> &str {
+        &self.node_endpoint
+    }
+
+    /// The kubelet root the node plugin accepts paths under (shared with the VM).
+    pub fn kubelet_root(&self) -> PathBuf {
+        self.dir.path().join("kubelet")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// csi-sanity's flags for this stack and an access type (`mount` or `block`).
+    pub fn sanity_args(&self, access_type: &str) -> Result<Vec<String>, BoxError> {
+        let d = self.dir.path();
+        let params = d.join("sanity-params.yaml");
+        std::fs::write(
+            &params,
+            format!("infraStorageClassName: fast\nbus: {}\n", self.options.bus),
+        )?;
+        let root = self.kubelet_root().join("sanity");
+        // Without path hooks csi-sanity makes its directories with mkdir, not mkdir -p.
+        std::fs::create_dir_all(&root)?;
+        let mut args = vec![
+            format!("-csi.endpoint={}", self.node_endpoint),
+            format!(
+                "-csi.controllerendpoint=unix://{}",
+                self.controller.socket().display()
+            ),
+            format!("-csi.mountdir={}", root.join("target").display()),
+            format!("-csi.stagingdir={}", root.join("staging").display()),
+            format!("-csi.testvolumesize={}", 64 << 20),
+            format!("-csi.testvolumeexpandsize={}", 128 << 20),
+            format!("-csi.testvolumeaccesstype={access_type}"),
+            format!("-csi.testvolumeparameters={}", params.display()),
+        ];
+        if let Some(vm) = &self.vm {
+            // Paths are created, removed and checked inside the guest, where the mounts are.
+            let exec = workspace_bin("kvcsi-guest-exec")?;
+            let addr = vm.agent_addr();
+            let hook = |name: &str, script: &str| -> Result<String, BoxError> {
+                let path = d.join(name);
+                std::fs::write(
+                    &path,
+                    format!(
+                        "#!/bin/sh\nexec {} --addr {addr} -- sh -c '{script}' hook \"$1\"\n",
+                        exec.display()
+                    ),
+                )?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+                Ok(path.display().to_string())
+            };
+            let mkdir = hook("create-dir", "mkdir -p \"$1\" && echo \"$1\"")?;
+            let rmdir = hook("remove-path", "rm -rf \"$1\"")?;
+            let check = hook(
+                "check-path",
+                "if [ ! -e \"$1\" ]; then echo not_found; elif [ -d \"$1\" ]; then echo directory; elif [ -f \"$1\" ]; then echo file; else echo other; fi",
+            )?;
+            args.extend([
+                format!("-csi.createmountpathcmd={mkdir}"),
+                format!("-csi.createstagingpathcmd={mkdir}"),
+                format!("-csi.removemountpathcmd={rmdir}"),
+                format!("-csi.removestagingpathcmd={rmdir}"),
+                format!("-csi.checkpathcmd={check}"),
+            ]);
+        }
+        Ok(args)
+    }
+
+    /// Last lines of the node plugin's log (host file, or the shared-dir file in VM mode).
+    pub fn node_log_tail(&self, lines: usize) -> String {
+        crate::process::log_tail(&self.dir.path().join("node.log"), lines)
+    }
+}
+
+/// Retries `check` until it is true or `timeout` passes. For processes that give no
+/// readiness signal but answering; the interval is short so start-up stays quick.
+async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
