@@ -89,6 +89,15 @@ pub enum NodeError {
     /// The path is not a volume this plugin published (stats, expand).
     #[error("{path:?} is not a published volume")]
     NotAVolume { path: PathBuf },
+    /// The path cannot hold a volume of ours at all (relative, outside the kubelet root):
+    /// for stats and expand that means no such volume is there, which the spec calls
+    /// NOT_FOUND.
+    #[error("no volume can be at {path:?}")]
+    NoVolumeAt {
+        path: String,
+        #[source]
+        source: PathError,
+    },
     /// A mount at the path exists but was not made by this plugin; we leave it alone.
     #[error(
         "volume {volume_id}: {path:?} holds a {fs_type} mount of {source_desc} that this plugin did not make"
@@ -164,6 +173,7 @@ impl NodeError {
                 FsError::ReadDevice { .. } => Code::Internal,
             },
             NodeError::NotAVolume { .. } => Code::NotFound,
+            NodeError::NoVolumeAt { .. } => Code::NotFound,
             NodeError::NotOurs { .. } => Code::FailedPrecondition,
             NodeError::DiskGone { .. } => Code::NotFound,
             NodeError::NotGrown { .. } => Code::FailedPrecondition,

@@ -26,6 +26,7 @@ use crate::error::NodeError;
 use crate::fs::FsType;
 use crate::inflight::{InFlight, InFlightGuard};
 use crate::mounts::MountOptions;
+use crate::paths::PathError;
 use crate::volume_ops::{self, Access, Publish, Stage, Usage};
 
 #[derive(Debug, Clone)]
@@ -328,7 +329,15 @@ impl Node for NodeService {
             let path = self
                 .cfg
                 .kubelet_root
-                .check("volume_path", &req.volume_path)?;
+                .check("volume_path", &req.volume_path)
+                .map_err(|source| match source {
+                    // An empty path is a malformed request, not a missing volume.
+                    PathError::Empty { .. } => NodeError::Path(source),
+                    _ => NodeError::NoVolumeAt {
+                        path: req.volume_path.clone(),
+                        source,
+                    },
+                })?;
             Ok::<_, NodeError>((volume_id, path))
         };
         let (volume_id, path) = run.instrument(span.clone()).await?;
@@ -362,7 +371,15 @@ impl Node for NodeService {
             let path = self
                 .cfg
                 .kubelet_root
-                .check("volume_path", &req.volume_path)?;
+                .check("volume_path", &req.volume_path)
+                .map_err(|source| match source {
+                    // An empty path is a malformed request, not a missing volume.
+                    PathError::Empty { .. } => NodeError::Path(source),
+                    _ => NodeError::NoVolumeAt {
+                        path: req.volume_path.clone(),
+                        source,
+                    },
+                })?;
             if req.volume_capability.is_some() {
                 access_of(&volume_id, req.volume_capability.as_ref())?;
             }

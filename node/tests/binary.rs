@@ -233,23 +233,29 @@ async fn serves_on_tcp() {
         "--kubelet-root",
         env.kubelet.to_str().expect("utf-8"),
     ]);
+    // Retry connect and the first RPC together: the plugin may not be listening yet.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let channel = loop {
-        match Endpoint::try_from(format!("http://127.0.0.1:{port}"))
-            .expect("endpoint")
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "never connected: {e}"),
+    let info = loop {
+        let attempt = async {
+            let channel = Endpoint::try_from(format!("http://127.0.0.1:{port}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            NodeClient::new(channel)
+                .node_get_info(NodeGetInfoRequest {})
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(r) => break r.into_inner(),
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "NodeGetInfo over tcp never answered: {e}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let info = NodeClient::new(channel)
-        .node_get_info(NodeGetInfoRequest {})
-        .await
-        .expect("NodeGetInfo")
-        .into_inner();
     assert_eq!(info.node_id, "ns/vm");
     assert_eq!(info.max_volumes_per_node, 255, "scsi is the default bus");
     assert!(plugin.terminate().await.success());
