@@ -7,9 +7,9 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::wait::await_condition;
 
 use crate::cluster::{ClusterError, ControlPlane};
 use crate::csi::{CsiError, grant_controller_role};
@@ -23,6 +23,8 @@ pub enum FixtureError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Csi(#[from] CsiError),
+    #[error("{what} did not start running within 20s (is the stand-in up?)")]
+    NotRunning { what: String },
     #[error("cannot create {what}")]
     Create {
         what: String,
@@ -134,8 +136,9 @@ pub async fn tenant(
     })
 }
 
-/// Creates a VirtualMachine and its running VirtualMachineInstance, labelled for the
-/// tenant. With `qmp_socket`, the stand-in attaches disks to that QEMU for real.
+/// Creates a running VirtualMachine, labelled for the tenant, and waits (on a watch) for
+/// the VirtualMachineInstance the stand-in's virt-controller makes for it, as KubeVirt does.
+/// With `qmp_socket`, the stand-in attaches disks to that QEMU for real.
 pub async fn worker_vm(
     client: &kube::Client,
     tenant: &TenantFixture,
@@ -156,33 +159,26 @@ pub async fn worker_vm(
     let vm: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
         "metadata": {"name": name, "namespace": ns, "labels": labels},
-        "spec": {"runStrategy": "Always", "template": {"metadata": {"labels": labels}, "spec": {"domain": domain, "volumes": volumes}}}
+        "spec": {"runStrategy": "Always", "template": {
+            "metadata": {"labels": labels, "annotations": annotations},
+            "spec": {"domain": domain, "volumes": volumes}}}
     }))
     .expect("static vm");
     let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &vm_resource());
-    let vm = vms
-        .create(&PostParams::default(), &vm)
+    vms.create(&PostParams::default(), &vm)
         .await
         .map_err(|source| FixtureError::Create {
             what: format!("vm {ns}/{name}"),
             source,
         })?;
-    // KubeVirt's VMI CRD has no status subresource, so the status is written with the object.
-    let vmi: DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
-        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": annotations,
-            "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": name,
-                "uid": vm.uid().unwrap_or_default(), "controller": true, "blockOwnerDeletion": true}]},
-        "spec": {"domain": domain, "volumes": volumes},
-        "status": {"phase": "Running", "nodeName": "infra-node-0"}
-    }))
-    .expect("static vmi");
-    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &vmi_resource())
-        .create(&PostParams::default(), &vmi)
-        .await
-        .map_err(|source| FixtureError::Create {
+    let vmis: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &vmi_resource());
+    let running = await_condition(vmis, name, |o: Option<&DynamicObject>| {
+        o.is_some_and(|o| o.data["status"]["phase"] == "Running")
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(20), running).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(FixtureError::NotRunning {
             what: format!("vmi {ns}/{name}"),
-            source,
-        })?;
-    Ok(())
+        }),
+    }
 }

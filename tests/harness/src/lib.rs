@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod crds;
 pub mod csi;
 pub mod fixtures;
+pub mod grpc_router;
 pub mod process;
 pub mod proxy;
 pub mod stack;

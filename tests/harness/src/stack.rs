@@ -3,6 +3,7 @@
 //! Role, and the node plugin either on the host or inside a real QEMU worker VM whose
 //! disks the stand-in hotplugs over QMP. csi-sanity and the local demo run on it.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{ControlPlane, ControlPlaneOptions};
 use crate::csi::{ControllerOptions, ControllerPlugin, connect_tcp, connect_unix};
 use crate::fixtures::{self, TenantFixture};
+use crate::grpc_router::GrpcRouter;
 use crate::process::{ManagedProcess, ScratchDir};
 use crate::standin::{Standin, StandinOptions};
 use crate::tools::workspace_bin;
@@ -54,6 +56,7 @@ pub const CONTROLLER_CONFIG: &str = "storageClassEnforcement:\n  allowList: [fas
 
 /// A running stack; everything stops, in reverse order of start, when dropped.
 pub struct Stack {
+    router: GrpcRouter,
     _node_process: Option<ManagedProcess>,
     pub controller: ControllerPlugin,
     pub vm: Option<WorkerVm>,
@@ -163,8 +166,17 @@ impl Stack {
             extra_args: controller_args,
         })
         .await?;
+        let node_channel = match options.node {
+            NodePlacement::Host => {
+                connect_unix(Path::new(node_endpoint.trim_start_matches("unix://"))).await?
+            }
+            NodePlacement::Vm => connect_tcp(node_endpoint.parse()?).await?,
+        };
+        let router =
+            GrpcRouter::start(connect_unix(controller.socket()).await?, node_channel).await?;
         tracing::info!(took = ?t.elapsed(), "stack up");
         Ok(Self {
+            router,
             _node_process: node_process,
             controller,
             vm,
@@ -177,9 +189,15 @@ impl Stack {
         })
     }
 
-    /// The node plugin's endpoint as csi-sanity takes it (`unix:///...` or `host:port`).
+    /// The node plugin's own endpoint (`unix:///...` or `host:port`).
     pub fn node_endpoint(&self) -> &str {
         &self.node_endpoint
+    }
+
+    /// One endpoint serving the node plugin's Node service and the controller's Identity
+    /// and Controller services, as a CO pairs them (see [`GrpcRouter`]).
+    pub fn driver_endpoint(&self) -> SocketAddr {
+        self.router.addr()
     }
 
     /// The kubelet root the node plugin accepts paths under (shared with the VM).
@@ -203,7 +221,7 @@ impl Stack {
         // Without path hooks csi-sanity makes its directories with mkdir, not mkdir -p.
         std::fs::create_dir_all(&root)?;
         let mut args = vec![
-            format!("-csi.endpoint={}", self.node_endpoint),
+            format!("-csi.endpoint={}", self.router.addr()),
             format!(
                 "-csi.controllerendpoint=unix://{}",
                 self.controller.socket().display()
