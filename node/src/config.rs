@@ -45,8 +45,9 @@ pub struct Args {
     /// Overrides the bus's volume limit (0 = no limit).
     #[arg(long)]
     pub max_volumes: Option<i64>,
-    /// How long NodeStage waits for a hotplugged disk to appear.
-    #[arg(long, default_value_t = 120)]
+    /// How long NodeStage waits for a hotplugged disk to appear; below kubelet's 2-minute
+    /// timeout for CSI calls, so kubelet sees our NOT_FOUND rather than its own timeout.
+    #[arg(long, default_value_t = 60)]
     pub discovery_timeout_secs: u64,
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -179,7 +179,13 @@ impl Sysfs {
     /// hypervisor grows the disk but a SCSI guest only notices when told to look.
     pub fn rescan(&self, name: &str) -> Result<(), DiscoveryError> {
         let path = self.block_dir().join(name).join("device").join("rescan");
-        match std::fs::write(&path, b"1") {
+        // Open without O_CREAT: sysfs answers EACCES, not ENOENT, to creating a missing
+        // attribute, and virtio-blk disks have no `rescan`.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"1"));
+        match written {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(DiscoveryError::ReadSysfs { path, source }),

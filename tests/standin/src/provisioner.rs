@@ -417,6 +417,7 @@ async fn finish_bound(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Action, 
         let p = path.clone();
         size = files::blocking(move || files::grow(&p, requested)).await?;
         info!(size, "expanded volume");
+        ctx.backends.resized(&path, size).await;
     }
     let cap = Quantity(format_bytes(size));
     update(

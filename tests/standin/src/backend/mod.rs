@@ -114,6 +114,14 @@ impl Default for Backends {
 }
 
 impl Backends {
+    /// A volume's backing file grew: tell the hypervisors that have it attached.
+    pub async fn resized(&self, path: &std::path::Path, size: u64) {
+        #[cfg(feature = "qemu")]
+        self.qemu.resized(path, size).await;
+        #[cfg(not(feature = "qemu"))]
+        let _ = (path, size);
+    }
+
     /// The backend for a VMI with these annotations.
     pub fn for_vmi(&self, annotations: &BTreeMap<String, String>) -> Arc<dyn AttachBackend> {
         match annotations.get(QMP_SOCKET_ANNOTATION) {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,8 +24,17 @@ const SCSI_BUS: &str = "scsi0.0";
 
 struct Session {
     qmp: Qmp,
-    /// device id -> root port it occupies (virtio only).
-    attached: HashMap<String, Option<String>>,
+    /// device id -> what it occupies and is backed by.
+    attached: HashMap<String, Attached>,
+}
+
+struct Attached {
+    /// Root port the device occupies (virtio only).
+    port: Option<String>,
+    /// Block node name, for block_resize.
+    node: String,
+    /// Backing file.
+    path: PathBuf,
 }
 
 #[derive(Default)]
@@ -171,7 +180,11 @@ async fn attach_on(
         }
         Bus::Virtio => {
             device["driver"] = json!("virtio-blk-pci");
-            let used: Vec<String> = session.attached.values().flatten().cloned().collect();
+            let used: Vec<String> = session
+                .attached
+                .values()
+                .filter_map(|a| a.port.clone())
+                .collect();
             let mut last = Err(BackendError::NoFreeSlot(req.volume.clone()));
             for port in (0..MAX_ROOT_PORTS).map(|n| format!("hp{n}")) {
                 if used.contains(&port) {
@@ -197,7 +210,14 @@ async fn attach_on(
     match outcome {
         Ok(port) => {
             info!(volume = %req.volume, vmi = %req.vmi, dev, ?port, "qmp attach done");
-            session.attached.insert(dev, port);
+            session.attached.insert(
+                dev,
+                Attached {
+                    port,
+                    node: node.clone(),
+                    path: req.path.clone(),
+                },
+            );
             Ok(())
         }
         Err(e) => {
@@ -249,6 +269,48 @@ async fn detach_on(
     session.attached.remove(&dev);
     info!(volume = %req.volume, vmi = %req.vmi, dev, "qmp detach done");
     Ok(())
+}
+
+impl Qemu {
+    /// Tells every QEMU that has `path` attached that it grew (QMP `block_resize`), as
+    /// libvirt does for KubeVirt when a hotplugged PVC is expanded: the guest is notified
+    /// (virtio-blk config change, SCSI capacity-changed unit attention) and sees the new size.
+    pub async fn resized(&self, path: &std::path::Path, size: u64) {
+        let slots: Vec<(PathBuf, Arc<Mutex<Option<Session>>>)> = self
+            .sessions
+            .lock()
+            .await
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (socket, slot) in slots {
+            let mut guard = slot.lock().await;
+            let Some(session) = guard.as_mut() else {
+                continue;
+            };
+            let nodes: Vec<String> = session
+                .attached
+                .values()
+                .filter(|a| a.path == path)
+                .map(|a| a.node.clone())
+                .collect();
+            for node in nodes {
+                match session
+                    .qmp
+                    .execute(
+                        "block_resize",
+                        Some(json!({"node-name": node, "size": size})),
+                    )
+                    .await
+                {
+                    Ok(_) => info!(socket = %socket.display(), node, size, "qmp block_resize done"),
+                    Err(e) => {
+                        warn!(socket = %socket.display(), node, error = %e, "qmp block_resize failed")
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl AttachBackend for Qemu {
