@@ -1165,3 +1165,119 @@ async fn tenants_cannot_reach_each_other() {
             .any(|e| e["name"] == va.as_str() && e["phase"] == "Ready")
     );
 }
+
+/// The other two hotplug paths: a VMI with no VM behind it (VMI-level addvolume, which
+/// does not survive a restart), and `--hotplug-mode=declarative`, which edits the VM spec.
+#[tokio::test]
+async fn vmi_only_and_declarative_hotplug() {
+    let env = env().await;
+    let tenant = fixtures::tenant(&env.cp, "tenant-a", &[("cluster", "a")], None)
+        .await
+        .unwrap();
+    fixtures::worker_vm(&env.client, &tenant, "worker-0", None)
+        .await
+        .unwrap();
+    // A bare VMI, as some setups run workers without a VirtualMachine.
+    let vmis: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), "tenant-a", &vmi_resource());
+    let bare: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": "bare-0", "labels": {"cluster": "a"}},
+        "spec": {"domain": {"devices": {}, "resources": {"requests": {"memory": "1Gi"}}}},
+        "status": {"phase": "Running"}
+    }))
+    .unwrap();
+    vmis.create(&PostParams::default(), &bare).await.unwrap();
+
+    let plugin = controller(&tenant, &["--hotplug-mode=declarative"]).await;
+    let mut c = plugin.controller();
+    let vol = |name: &str| create_req(name, 10 * MIB, false, Mode::SingleNodeWriter, &[]);
+    let v1 = c
+        .create_volume(vol("pvc-decl"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let v2 = c
+        .create_volume(vol("pvc-bare"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+
+    // Declarative: the VM spec carries the hotpluggable volume; the VMI reports it Ready.
+    let pc = c
+        .controller_publish_volume(publish_req(&v1, "tenant-a/worker-0", false, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), "tenant-a", &vm_resource());
+    let vm = vms.get("worker-0").await.unwrap();
+    let volumes = vm.data["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["name"] == v1.as_str() && v["dataVolume"]["hotpluggable"] == true),
+        "{volumes:?}"
+    );
+    assert!(
+        vm.data["status"]["volumeRequests"]
+            .as_array()
+            .is_none_or(|r| r.is_empty()),
+        "declarative mode must not use addvolume"
+    );
+    let disks = vm.data["spec"]["template"]["spec"]["domain"]["devices"]["disks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        disks
+            .iter()
+            .any(|d| d["name"] == v1.as_str()
+                && d["serial"] == pc.publish_context["serial"].as_str())
+    );
+    c.controller_unpublish_volume(unpublish_req(&v1, "tenant-a/worker-0"))
+        .await
+        .unwrap();
+    let vm = vms.get("worker-0").await.unwrap();
+    let volumes = vm.data["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !volumes.iter().any(|v| v["name"] == v1.as_str()),
+        "{volumes:?}"
+    );
+
+    // VMI-level: no VM named bare-0, so the VMI subresource is used.
+    c.controller_publish_volume(publish_req(&v2, "tenant-a/bare-0", false, false))
+        .await
+        .unwrap();
+    let vmi = vmis.get("bare-0").await.unwrap();
+    let st = vmi.data["status"]["volumeStatus"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        st.iter()
+            .any(|e| e["name"] == v2.as_str() && e["phase"] == "Ready"),
+        "{st:?}"
+    );
+    c.controller_unpublish_volume(unpublish_req(&v2, "tenant-a/bare-0"))
+        .await
+        .unwrap();
+    let vmi = vmis.get("bare-0").await.unwrap();
+    let st = vmi.data["status"]["volumeStatus"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!st.iter().any(|e| e["name"] == v2.as_str()), "{st:?}");
+}
