@@ -135,12 +135,7 @@ impl Driver {
             ControllerError::infra(format!("{what} for volume {id} on {}", req.node_id))
         };
 
-        let dv = self
-            .infra
-            .data_volume(id)
-            .await
-            .map_err(ctx("looking up the volume"))?
-            .ok_or_else(|| ControllerError::NotFound(format!("volume {id} does not exist")))?;
+        let dv = self.existing_volume(id).await?;
         let wants_block = matches!(
             cap.access_type,
             Some(csi::volume_capability::AccessType::Block(_))
@@ -247,25 +242,12 @@ impl Driver {
         let name = disk.name.clone();
         match (self.settings.hotplug_mode, target) {
             (HotplugMode::Declarative, HotplugTarget::Vm) => {
-                // JSON patch appends; the test ops make it fail if someone else added it.
+                // A JSON patch appends to the lists and leaves the rest of the spec alone.
                 let patch = serde_json::json!([
                     {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": name, "dataVolume": {"name": name, "hotpluggable": true}}},
                     {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": disk},
                 ]);
-                let patch: json_patch::Patch =
-                    serde_json::from_value(patch).map_err(|e| InfraError::Rejected {
-                        kind: "VirtualMachine",
-                        name: vm.to_string(),
-                        message: e.to_string(),
-                    })?;
-                self.infra
-                    .vms
-                    .patch(vm, &PatchParams::default(), &Patch::<()>::Json(patch))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        InfraError::from_kube("VirtualMachine", self.infra.namespace(), vm, e)
-                    })
+                self.infra.patch_vm_json(vm, patch).await
             }
             _ => {
                 let body = AddVolumeOptions {
@@ -495,21 +477,12 @@ impl Driver {
             if ops.is_empty() {
                 return Ok(());
             }
-            let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
-                .map_err(|e| InfraError::Rejected {
-                    kind: "VirtualMachine",
-                    name: vm.to_string(),
-                    message: e.to_string(),
-                })?;
+            // The test ops make the patch fail, rather than remove the wrong entry, if the
+            // lists changed since we read them.
             return self
                 .infra
-                .vms
-                .patch(vm, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    InfraError::from_kube("VirtualMachine", self.infra.namespace(), vm, e)
-                });
+                .patch_vm_json(vm, serde_json::Value::Array(ops))
+                .await;
         }
         match self
             .infra

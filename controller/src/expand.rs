@@ -36,12 +36,7 @@ impl Driver {
             .ok_or_else(|| ControllerError::InvalidArgument("capacity_range is required".into()))?;
         let wanted = size_for(Some(range))?;
         let _guard = self.locks.try_lock(id)?;
-        let dv = self
-            .infra
-            .data_volume(id)
-            .await
-            .map_err(ControllerError::infra(format!("looking up volume {id}")))?
-            .ok_or_else(|| ControllerError::NotFound(format!("volume {id} does not exist")))?;
+        let dv = self.existing_volume(id).await?;
         let block = match req
             .volume_capability
             .as_ref()

@@ -116,6 +116,15 @@ pub fn attached_to(dv: &DataVolume) -> Vec<String> {
 }
 
 impl Driver {
+    /// The tenant's DataVolume for a volume id, or NOT_FOUND (absent or foreign alike).
+    pub async fn existing_volume(&self, id: &str) -> Result<DataVolume, ControllerError> {
+        self.infra
+            .data_volume(id)
+            .await
+            .map_err(ControllerError::infra(format!("looking up volume {id}")))?
+            .ok_or_else(|| ControllerError::NotFound(format!("volume {id} does not exist")))
+    }
+
     /// The volume's size as the infra cluster reports it (PVC capacity), else as requested.
     pub async fn capacity_of(&self, dv: &DataVolume) -> Result<u64, InfraError> {
         let requested = recorded(dv).size.unwrap_or(0);
@@ -467,12 +476,7 @@ impl Driver {
                 "volume_capabilities is required".into(),
             ));
         }
-        let dv = self
-            .infra
-            .data_volume(id)
-            .await
-            .map_err(ControllerError::infra(format!("looking up volume {id}")))?
-            .ok_or_else(|| ControllerError::NotFound(format!("volume {id} does not exist")))?;
+        let dv = self.existing_volume(id).await?;
         let block = is_block(&dv);
         let mut problems = Vec::new();
         for cap in &req.volume_capabilities {
@@ -554,12 +558,7 @@ impl Driver {
         req: csi::ControllerGetVolumeRequest,
     ) -> Result<csi::ControllerGetVolumeResponse, ControllerError> {
         let id = required(&req.volume_id, "volume_id")?;
-        let dv = self
-            .infra
-            .data_volume(id)
-            .await
-            .map_err(ControllerError::infra(format!("looking up volume {id}")))?
-            .ok_or_else(|| ControllerError::NotFound(format!("volume {id} does not exist")))?;
+        let dv = self.existing_volume(id).await?;
         let (volume, status) = self.describe(&dv).await?;
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(volume),

@@ -193,6 +193,25 @@ impl Infra {
             .map_err(self.err("PersistentVolumeClaim", name))
     }
 
+    /// Applies a JSON patch to a VM (declarative hotplug edits its spec this way).
+    pub async fn patch_vm_json(
+        &self,
+        name: &str,
+        ops: serde_json::Value,
+    ) -> Result<(), InfraError> {
+        let patch: json_patch::Patch =
+            serde_json::from_value(ops).map_err(|e| InfraError::Rejected {
+                kind: "VirtualMachine",
+                name: name.to_string(),
+                message: format!("invalid json patch: {e}"),
+            })?;
+        self.vms
+            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+            .map(|_| ())
+            .map_err(self.err("VirtualMachine", name))
+    }
+
     pub async fn vm(&self, name: &str) -> Result<Option<VirtualMachine>, InfraError> {
         self.get_owned(&self.vms, "VirtualMachine", name).await
     }

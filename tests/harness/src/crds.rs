@@ -8,7 +8,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 
-use crate::tools::{ToolError, repo_root};
+use crate::tools::{ToolError, run_script};
 
 /// Errors installing CRDs.
 #[derive(Debug, thiserror::Error)]
@@ -42,27 +42,8 @@ pub enum CrdError {
 /// The directory `hack/crds.sh` fills; running the script first assembles it on a cold
 /// cache (seconds) and only checks it on a warm one (milliseconds).
 pub fn crd_dir() -> Result<PathBuf, ToolError> {
-    run_crds_script(&[])?;
-    run_crds_script(&["--dir"]).map(|out| PathBuf::from(out.trim()))
-}
-
-fn run_crds_script(args: &[&str]) -> Result<String, ToolError> {
-    let path = repo_root().join("hack/crds.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&path)
-        .args(args)
-        .output()
-        .map_err(|source| ToolError::Script {
-            script: path.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(ToolError::ScriptFailed {
-            script: path,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_script("crds.sh", &[])?;
+    run_script("crds.sh", &["--dir"]).map(|out| PathBuf::from(out.trim()))
 }
 
 /// Reads every `*.yaml` CRD in [`crd_dir`].

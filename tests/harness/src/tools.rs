@@ -39,12 +39,12 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
-/// Runs a hack/ script that prints `export NAME='value'` lines and returns the pairs.
-pub fn script_env(script: &str, arg: &str) -> Result<Vec<(String, String)>, ToolError> {
+/// Runs `hack/<script> <args>` and returns its stdout; a failure carries its stderr.
+pub fn run_script(script: &str, args: &[&str]) -> Result<String, ToolError> {
     let path = repo_root().join("hack").join(script);
     let out = Command::new("bash")
         .arg(&path)
-        .arg(arg)
+        .args(args)
         .output()
         .map_err(|source| ToolError::Script {
             script: path.clone(),
@@ -56,7 +56,12 @@ pub fn script_env(script: &str, arg: &str) -> Result<Vec<(String, String)>, Tool
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a hack/ script that prints `export NAME='value'` lines and returns the pairs.
+pub fn script_env(script: &str, arg: &str) -> Result<Vec<(String, String)>, ToolError> {
+    Ok(run_script(script, &[arg])?
         .lines()
         .filter_map(|l| l.strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
