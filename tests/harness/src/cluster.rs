@@ -112,7 +112,13 @@ impl ControlPlane {
         let serving = ca.issue(
             "kube-apiserver",
             &[],
-            &["127.0.0.1", "localhost", "kubernetes.default.svc"],
+            // 10.0.2.2 is the host as a QEMU worker VM (user networking) reaches it.
+            &[
+                "127.0.0.1",
+                "localhost",
+                "kubernetes.default.svc",
+                "10.0.2.2",
+            ],
             Usage::Server,
         )?;
         let proxy_client = front_proxy_ca.issue("front-proxy-client", &[], &[], Usage::Client)?;
