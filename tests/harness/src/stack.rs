@@ -37,6 +37,24 @@ pub struct StackOptions {
     pub namespace: String,
     pub vm_name: String,
     pub controller_args: Vec<String>,
+    /// The controller's config file (YAML).
+    pub controller_config: String,
+    /// How the node plugin learns its node id.
+    pub node_identity: NodeIdentity,
+}
+
+/// How the node plugin learns which infra VM backs its node.
+#[derive(Clone, Debug, Default)]
+pub enum NodeIdentity {
+    /// `--node-id <namespace>/<vm>`.
+    #[default]
+    Flag,
+    /// `--node-name`, read from the guest Node object through `kubeconfig` (YAML text; in
+    /// VM mode its server must be reachable from the guest, e.g. `https://10.0.2.2:<port>`).
+    GuestNode {
+        kubeconfig: String,
+        node_name: String,
+    },
 }
 
 impl Default for StackOptions {
@@ -47,12 +65,15 @@ impl Default for StackOptions {
             namespace: "tenant-a".into(),
             vm_name: "worker-0".into(),
             controller_args: Vec::new(),
+            controller_config: CONTROLLER_CONFIG.into(),
+            node_identity: NodeIdentity::Flag,
         }
     }
 }
 
-/// Controller config used by the stack: the test StorageClasses are allowed.
-pub const CONTROLLER_CONFIG: &str = "storageClassEnforcement:\n  allowList: [fast, slow]\n  allowDefault: true\nsnapshotClasses:\n- infraStorageClass: fast\n  infraSnapshotClass: fast-snap\n";
+/// Controller config used by the stack: the test infra StorageClasses are allowed, and
+/// `standard`, which `deploy/example` names.
+pub const CONTROLLER_CONFIG: &str = "storageClassEnforcement:\n  allowList: [fast, slow, standard]\n  allowDefault: true\nsnapshotClasses:\n- infraStorageClass: fast\n  infraSnapshotClass: fast-snap\n- infraStorageClass: standard\n  infraSnapshotClass: fast-snap\n";
 
 /// A running stack; everything stops, in reverse order of start, when dropped.
 pub struct Stack {
@@ -87,10 +108,23 @@ impl Stack {
 
         let node_id = format!("{}/{}", options.namespace, options.vm_name);
         let node_bin = workspace_bin("kubevirt-csi-node")?;
+        // The node plugin gets its id from a flag, or reads it from the guest Node through
+        // a kubeconfig in the stack dir (which the VM mounts at the same path).
+        let (identity_flag, node_kubeconfig) = match &options.node_identity {
+            NodeIdentity::Flag => (format!("--node-id={node_id}"), None),
+            NodeIdentity::GuestNode {
+                kubeconfig,
+                node_name,
+            } => {
+                let path = dir.path().join("node.kubeconfig");
+                std::fs::write(&path, kubeconfig)?;
+                (format!("--node-name={node_name}"), Some(path))
+            }
+        };
         let node_args = |endpoint: String| -> Vec<String> {
             vec![
                 format!("--endpoint={endpoint}"),
-                format!("--node-id={node_id}"),
+                identity_flag.clone(),
                 format!("--kubelet-root={}", kubelet.display()),
                 format!("--bus={}", options.bus),
                 "--discovery-timeout-secs=30".into(),
@@ -101,11 +135,16 @@ impl Stack {
                 fixtures::worker_vm(&client, &tenant, &options.vm_name, None).await?;
                 let sock = dir.path().join("node.sock");
                 let args = node_args(format!("unix://{}", sock.display()));
-                let process = ManagedProcess::spawn(
+                let process = ManagedProcess::spawn_with(
                     "kubevirt-csi-node",
                     &node_bin,
                     &args,
                     &dir.path().join("node.log"),
+                    |c| {
+                        if let Some(k) = &node_kubeconfig {
+                            c.env("KUBECONFIG", k);
+                        }
+                    },
                 )?;
                 wait_until(Duration::from_secs(20), || {
                     let sock = sock.clone();
@@ -128,7 +167,12 @@ impl Stack {
                     Some(&vm.external_qmp_socket()),
                 )
                 .await?;
-                let mut argv = vec![node_bin.display().to_string()];
+                // The agent has no per-command environment here: `env` sets it.
+                let mut argv: Vec<String> = match &node_kubeconfig {
+                    Some(k) => vec!["/usr/bin/env".into(), format!("KUBECONFIG={}", k.display())],
+                    None => Vec::new(),
+                };
+                argv.push(node_bin.display().to_string());
                 argv.extend(node_args(format!("tcp://0.0.0.0:{NODE_PORT}")));
                 vm.spawn_background(argv, Some(&format!("{}/node.log", dir.path().display())))
                     .await?;
@@ -162,7 +206,7 @@ impl Stack {
             infra_kubeconfig: tenant.controller_kubeconfig.clone(),
             namespace: tenant.namespace.clone(),
             tenant_labels: tenant.label_args(),
-            config_yaml: Some(CONTROLLER_CONFIG.into()),
+            config_yaml: Some(options.controller_config.clone()),
             extra_args: controller_args,
         })
         .await?;

@@ -1,0 +1,519 @@
+//! The volume half of a kubelet, for a guest with no kubelet: once the attach/detach
+//! controller's VolumeAttachment for a pod's volume is attached, it calls the node plugin's
+//! NodeStageVolume and NodePublishVolume with the paths and publish context kubelet would
+//! use, and reports the volume in the Node's `status.volumesInUse` (which keeps the
+//! attach/detach controller from detaching a mounted volume); on pod deletion it does the
+//! reverse and then removes the pod, as kubelet does once a pod's volumes are torn down.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use csi_proto::v1 as csi;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use sha2::Digest;
+use tonic::transport::Channel;
+
+use crate::guest::DRIVER;
+use crate::vm::{VmError, WorkerVm};
+
+/// Why the stand-in could not mount or unmount a pod's volumes.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    /// A guest API call failed.
+    #[error("cannot {what}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The pod, claim or volume lacks something kubelet needs.
+    #[error("{0}")]
+    Shape(String),
+    /// Waiting for an object's state timed out.
+    #[error("{what} not reached within {waited:?}")]
+    Timeout { what: String, waited: Duration },
+    /// A watch ended with an error.
+    #[error("watch for {what} failed")]
+    Watch {
+        what: String,
+        #[source]
+        source: kube::runtime::watcher::Error,
+    },
+    /// A node plugin RPC failed.
+    #[error("{rpc} for volume {volume} failed: {status}")]
+    Rpc {
+        rpc: &'static str,
+        volume: String,
+        status: tonic::Status,
+    },
+    /// A command inside the worker VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// A CSI volume of a pod, as kubelet resolves it.
+#[derive(Clone, Debug)]
+pub struct PodVolume {
+    pub pv: String,
+    pub volume_handle: String,
+    pub fs_type: String,
+    pub staging_path: PathBuf,
+    pub target_path: PathBuf,
+    pub publish_context: HashMap<String, String>,
+    /// The VolumeAttachment that attached it.
+    pub attachment: String,
+}
+
+/// The stand-in for one node.
+pub struct KubeletStandin<'a> {
+    client: kube::Client,
+    node: csi::node_client::NodeClient<Channel>,
+    vm: &'a WorkerVm,
+    node_name: String,
+    root: PathBuf,
+    timeout: Duration,
+}
+
+impl<'a> KubeletStandin<'a> {
+    /// `root` is the kubelet root the node plugin accepts (a path inside the guest).
+    pub fn new(
+        client: kube::Client,
+        node_channel: Channel,
+        vm: &'a WorkerVm,
+        node_name: &str,
+        root: &Path,
+    ) -> Self {
+        Self {
+            client,
+            node: csi::node_client::NodeClient::new(node_channel),
+            vm,
+            node_name: node_name.to_string(),
+            root: root.to_path_buf(),
+            timeout: Duration::from_secs(90),
+        }
+    }
+
+    /// Waits for the pod's CSI volumes to be attached to this node, then stages and
+    /// publishes them. Returns the volumes in the pod's order.
+    pub async fn mount_pod(&self, ns: &str, name: &str) -> Result<Vec<PodVolume>, KubeletError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let pod = pods
+            .get(name)
+            .await
+            .map_err(api(format!("get pod {ns}/{name}")))?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let mut out = Vec::new();
+        for (pv, claim) in self.pod_volumes(&pod).await? {
+            let csi_src = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.csi.clone())
+                .ok_or_else(|| KubeletError::Shape(format!("pv {claim} is not a CSI volume")))?;
+            let pv_name = pv.metadata.name.clone().unwrap_or_default();
+            let handle = csi_src.volume_handle.clone();
+            self.set_in_use(&handle, true).await?;
+            let va = self.wait_attached(&pv_name).await?;
+            let attachment = va.metadata.name.clone().unwrap_or_default();
+            let publish_context: HashMap<String, String> = va
+                .status
+                .and_then(|s| s.attachment_metadata)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let hash = hex(&sha2::Sha256::digest(handle.as_bytes()));
+            let staging = self.root.join(format!(
+                "plugins/kubernetes.io/csi/{DRIVER}/{hash}/globalmount"
+            ));
+            let target = self.root.join(format!(
+                "pods/{uid}/volumes/kubernetes.io~csi/{pv_name}/mount"
+            ));
+            let target_parent = target.parent().unwrap_or(&self.root).to_path_buf();
+            self.vm
+                .exec_ok([
+                    "mkdir".to_string(),
+                    "-p".into(),
+                    staging.display().to_string(),
+                    target_parent.display().to_string(),
+                ])
+                .await?;
+            let fs_type = csi_src.fs_type.clone().unwrap_or_else(|| "ext4".into());
+            let cap = capability(&fs_type);
+            let attrs: HashMap<String, String> = csi_src
+                .volume_attributes
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let mut node = self.node.clone();
+            node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: handle.clone(),
+                publish_context: publish_context.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                volume_context: attrs.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("NodeStageVolume", &handle))?;
+            let mut ctx = attrs;
+            ctx.insert("csi.storage.k8s.io/pod.name".into(), name.into());
+            ctx.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
+            ctx.insert("csi.storage.k8s.io/pod.uid".into(), uid.clone());
+            ctx.insert("csi.storage.k8s.io/serviceAccount.name".into(), sa.clone());
+            ctx.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+            node.node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: handle.clone(),
+                publish_context: publish_context.clone(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly: false,
+                volume_context: ctx,
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("NodePublishVolume", &handle))?;
+            out.push(PodVolume {
+                pv: pv_name,
+                volume_handle: handle,
+                fs_type,
+                staging_path: staging,
+                target_path: target,
+                publish_context,
+                attachment,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Unpublishes and unstages `volumes`, drops them from `volumesInUse`, and removes
+    /// the pod (kubelet's part of a graceful deletion).
+    pub async fn unmount_and_delete_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        volumes: &[PodVolume],
+    ) -> Result<(), KubeletError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let mut node = self.node.clone();
+        for v in volumes {
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: v.volume_handle.clone(),
+                target_path: v.target_path.display().to_string(),
+            })
+            .await
+            .map_err(rpc("NodeUnpublishVolume", &v.volume_handle))?;
+            node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: v.volume_handle.clone(),
+                staging_target_path: v.staging_path.display().to_string(),
+            })
+            .await
+            .map_err(rpc("NodeUnstageVolume", &v.volume_handle))?;
+            self.set_in_use(&v.volume_handle, false).await?;
+        }
+        match pods
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone (a second event for the same deletion).
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(source) => Err(KubeletError::Api {
+                what: format!("delete pod {ns}/{name}"),
+                source,
+            }),
+        }
+    }
+
+    /// NodeExpandVolume on a published volume, then the claim's status, as kubelet does
+    /// after the external-resizer has grown the infra volume.
+    pub async fn expand(
+        &self,
+        ns: &str,
+        claim: &str,
+        volume: &PodVolume,
+        bytes: i64,
+    ) -> Result<(), KubeletError> {
+        let mut node = self.node.clone();
+        node.node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: volume.volume_handle.clone(),
+            volume_path: volume.target_path.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            staging_target_path: volume.staging_path.display().to_string(),
+            volume_capability: Some(capability(&volume.fs_type)),
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc("NodeExpandVolume", &volume.volume_handle))?;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        let status = serde_json::json!({"status": {
+            "capacity": {"storage": bytes.to_string()},
+            "conditions": null,
+            "allocatedResourceStatuses": null,
+        }});
+        pvcs.patch_status(claim, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .map_err(api(format!("update pvc {ns}/{claim} status")))?;
+        Ok(())
+    }
+
+    /// Runs until the watch fails: stages and publishes the volumes of every pod bound to
+    /// this node, and when a pod is being deleted, unpublishes and unstages them and removes
+    /// the pod. One pod at a time, like a kubelet with a single volume worker; a failure is
+    /// logged and the pod left as it is.
+    pub async fn run(&self) -> Result<(), KubeletError> {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
+        let stream = watcher(pods, cfg).applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        let mut mounted: HashMap<String, Vec<PodVolume>> = HashMap::new();
+        let mut deleting: std::collections::HashSet<String> = Default::default();
+        while let Some(pod) = stream.next().await {
+            let pod = pod.map_err(|source| KubeletError::Watch {
+                what: format!("pods on {}", self.node_name),
+                source,
+            })?;
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            if pod.metadata.deletion_timestamp.is_some() {
+                // Further events for a pod already being torn down change nothing.
+                if !deleting.insert(uid.clone()) {
+                    continue;
+                }
+                let volumes = mounted.remove(&uid).unwrap_or_default();
+                match self.unmount_and_delete_pod(&ns, &name, &volumes).await {
+                    Ok(()) => {
+                        tracing::info!(pod = %format!("{ns}/{name}"), "volumes torn down, pod removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "tearing down volumes failed")
+                    }
+                }
+            } else if let std::collections::hash_map::Entry::Vacant(slot) = mounted.entry(uid) {
+                let pod_name = format!("{ns}/{name}");
+                let volumes = match self.mount_pod(&ns, &name).await {
+                    Ok(volumes) => {
+                        for v in &volumes {
+                            tracing::info!(pod = %pod_name, pv = %v.pv, target = %v.target_path.display(), "volume staged and published");
+                        }
+                        volumes
+                    }
+                    Err(e) => {
+                        // Not retried: recreate the pod.
+                        tracing::warn!(pod = %pod_name, error = %e, "mounting volumes failed");
+                        Vec::new()
+                    }
+                };
+                slot.insert(volumes);
+            }
+        }
+        Ok(())
+    }
+
+    async fn pod_volumes(
+        &self,
+        pod: &Pod,
+    ) -> Result<Vec<(PersistentVolume, String)>, KubeletError> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
+        let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
+        let mut out = Vec::new();
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        for claim in volumes
+            .iter()
+            .filter_map(|v| v.persistent_volume_claim.as_ref())
+            .map(|c| c.claim_name.clone())
+        {
+            // Kubelet waits for the claim to be bound (a pod and its claim are often
+            // created together).
+            let claim_name = claim.clone();
+            let pvc = wait_for(
+                pvcs.clone(),
+                self.timeout,
+                &format!("pvc {ns}/{claim} Bound"),
+                move |p: &PersistentVolumeClaim| {
+                    p.metadata.name.as_deref() == Some(claim_name.as_str())
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+                },
+            )
+            .await?;
+            let pv_name = pvc
+                .spec
+                .and_then(|s| s.volume_name)
+                .ok_or_else(|| KubeletError::Shape(format!("pvc {ns}/{claim} is not bound")))?;
+            let pv = pvs
+                .get(&pv_name)
+                .await
+                .map_err(api(format!("get pv {pv_name}")))?;
+            out.push((pv, claim));
+        }
+        Ok(out)
+    }
+
+    /// Waits (on a watch) for the VolumeAttachment of `pv` on this node to be attached.
+    async fn wait_attached(&self, pv: &str) -> Result<VolumeAttachment, KubeletError> {
+        let node = self.node_name.clone();
+        let pv_name = pv.to_string();
+        wait_for(
+            Api::<VolumeAttachment>::all(self.client.clone()),
+            self.timeout,
+            &format!("VolumeAttachment of {pv} on {node} attached"),
+            move |va: &VolumeAttachment| {
+                va.spec.node_name == node
+                    && va.spec.source.persistent_volume_name.as_deref() == Some(&pv_name)
+                    && va.status.as_ref().is_some_and(|s| s.attached)
+            },
+        )
+        .await
+    }
+
+    /// Adds or removes `kubernetes.io/csi/<driver>^<handle>` in the Node's volumesInUse.
+    async fn set_in_use(&self, handle: &str, in_use: bool) -> Result<(), KubeletError> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let name = format!("kubernetes.io/csi/{DRIVER}^{handle}");
+        let node = nodes
+            .get_status(&self.node_name)
+            .await
+            .map_err(api(format!("get node {}", self.node_name)))?;
+        let mut list = node
+            .status
+            .and_then(|s| s.volumes_in_use)
+            .unwrap_or_default();
+        list.retain(|v| v != &name);
+        if in_use {
+            list.push(name);
+        }
+        let patch = serde_json::json!({"status": {"volumesInUse": list}});
+        nodes
+            .patch_status(
+                &self.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(api(format!("update node {} volumesInUse", self.node_name)))?;
+        Ok(())
+    }
+}
+
+/// Waits on a watch of `api` until an object satisfies `pred`; returns that object.
+pub async fn wait_for<K>(
+    api: Api<K>,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&K) -> bool + Send + 'static,
+) -> Result<K, KubeletError>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + 'static,
+{
+    let stream = watcher(api, watcher::Config::default())
+        .applied_objects()
+        .try_filter(move |o| futures::future::ready(pred(o)));
+    let mut stream = std::pin::pin!(stream);
+    match tokio::time::timeout(timeout, stream.next()).await {
+        Ok(Some(Ok(o))) => Ok(o),
+        Ok(Some(Err(source))) => Err(KubeletError::Watch {
+            what: what.into(),
+            source,
+        }),
+        Ok(None) | Err(_) => Err(KubeletError::Timeout {
+            what: what.into(),
+            waited: timeout,
+        }),
+    }
+}
+
+fn capability(fs_type: &str) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode {
+            mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: fs_type.into(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn api(what: String) -> impl FnOnce(kube::Error) -> KubeletError {
+    move |source| KubeletError::Api { what, source }
+}
+
+fn rpc(rpc: &'static str, volume: &str) -> impl FnOnce(tonic::Status) -> KubeletError {
+    let volume = volume.to_string();
+    move |status| KubeletError::Rpc {
+        rpc,
+        volume,
+        status,
+    }
+}
+
+/// A scheduler stand-in: binds every pod that names no node to `node` (the guest has one
+/// worker and no kube-scheduler). Runs until its watch fails.
+pub async fn bind_unscheduled_pods(client: kube::Client, node: String) -> Result<(), KubeletError> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let stream = watcher(pods, watcher::Config::default()).applied_objects();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(pod) = stream.next().await {
+        let pod = pod.map_err(|source| KubeletError::Watch {
+            what: "pods to schedule".into(),
+            source,
+        })?;
+        let unscheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+        if !unscheduled || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let binding = serde_json::json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": name, "namespace": ns},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        match api
+            .create_subresource::<_, serde_json::Value>(
+                "binding",
+                &name,
+                &kube::api::PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => tracing::info!(pod = %format!("{ns}/{name}"), %node, "bound pod"),
+            // Already bound (a second event for the same pod) or gone meanwhile.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(source) => {
+                return Err(KubeletError::Api {
+                    what: format!("bind pod {ns}/{name} to {node}"),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
