@@ -62,6 +62,8 @@ pub struct PodVolume {
     pub pv: String,
     pub volume_handle: String,
     pub fs_type: String,
+    /// A raw block volume (PV volumeMode Block): no filesystem, the target is a device file.
+    pub block: bool,
     pub staging_path: PathBuf,
     pub target_path: PathBuf,
     pub publish_context: HashMap<String, String>,
@@ -130,13 +132,29 @@ impl<'a> KubeletStandin<'a> {
                 .unwrap_or_default()
                 .into_iter()
                 .collect();
-            let hash = hex(&sha2::Sha256::digest(handle.as_bytes()));
-            let staging = self.root.join(format!(
-                "plugins/kubernetes.io/csi/{DRIVER}/{hash}/globalmount"
-            ));
-            let target = self.root.join(format!(
-                "pods/{uid}/volumes/kubernetes.io~csi/{pv_name}/mount"
-            ));
+            let block = pv.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
+            // kubelet's own layout: a global mount per volume for filesystems; for block, a
+            // staging directory and one device file per pod under volumeDevices.
+            let (staging, target) = if block {
+                (
+                    self.root.join(format!(
+                        "plugins/kubernetes.io/csi/volumeDevices/staging/{pv_name}"
+                    )),
+                    self.root.join(format!(
+                        "plugins/kubernetes.io/csi/volumeDevices/publish/{pv_name}/{uid}"
+                    )),
+                )
+            } else {
+                let hash = hex(&sha2::Sha256::digest(handle.as_bytes()));
+                (
+                    self.root.join(format!(
+                        "plugins/kubernetes.io/csi/{DRIVER}/{hash}/globalmount"
+                    )),
+                    self.root.join(format!(
+                        "pods/{uid}/volumes/kubernetes.io~csi/{pv_name}/mount"
+                    )),
+                )
+            };
             let target_parent = target.parent().unwrap_or(&self.root).to_path_buf();
             self.vm
                 .exec_ok([
@@ -147,7 +165,7 @@ impl<'a> KubeletStandin<'a> {
                 ])
                 .await?;
             let fs_type = csi_src.fs_type.clone().unwrap_or_else(|| "ext4".into());
-            let cap = capability(&fs_type);
+            let cap = capability(&fs_type, block);
             let attrs: HashMap<String, String> = csi_src
                 .volume_attributes
                 .clone()
@@ -187,6 +205,7 @@ impl<'a> KubeletStandin<'a> {
                 pv: pv_name,
                 volume_handle: handle,
                 fs_type,
+                block,
                 staging_path: staging,
                 target_path: target,
                 publish_context,
@@ -253,7 +272,7 @@ impl<'a> KubeletStandin<'a> {
                 limit_bytes: 0,
             }),
             staging_target_path: volume.staging_path.display().to_string(),
-            volume_capability: Some(capability(&volume.fs_type)),
+            volume_capability: Some(capability(&volume.fs_type, volume.block)),
             ..Default::default()
         })
         .await
@@ -441,17 +460,20 @@ where
     }
 }
 
-fn capability(fs_type: &str) -> csi::VolumeCapability {
+fn capability(fs_type: &str, block: bool) -> csi::VolumeCapability {
+    use csi::volume_capability::{AccessType, BlockVolume, MountVolume};
     csi::VolumeCapability {
         access_mode: Some(csi::volume_capability::AccessMode {
             mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
         }),
-        access_type: Some(csi::volume_capability::AccessType::Mount(
-            csi::volume_capability::MountVolume {
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
                 fs_type: fs_type.into(),
                 ..Default::default()
-            },
-        )),
+            })
+        }),
     }
 }
 

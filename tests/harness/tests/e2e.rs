@@ -22,7 +22,18 @@ const MI: i64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(90);
 
 fn claim(name: &str, class: &str, size: &str, snapshot: Option<&str>) -> PersistentVolumeClaim {
+    claim_with_mode(name, class, size, snapshot, "Filesystem")
+}
+
+fn claim_with_mode(
+    name: &str,
+    class: &str,
+    size: &str,
+    snapshot: Option<&str>,
+    mode: &str,
+) -> PersistentVolumeClaim {
     let mut spec = serde_json::json!({
+        "volumeMode": mode,
         "storageClassName": class,
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": size}},
@@ -33,6 +44,20 @@ fn claim(name: &str, class: &str, size: &str, snapshot: Option<&str>) -> Persist
         });
     }
     serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+/// A pod consuming a raw block claim as a device.
+fn block_pod(name: &str, node: &str, claim: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "c", "image": "busybox", "volumeDevices": [{"name": "data", "devicePath": "/dev/xvda"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+        }
+    }))
+    .unwrap()
 }
 
 fn pod(name: &str, node: &str, claim: &str) -> Pod {
@@ -299,6 +324,66 @@ async fn run(fs: &FullStack, t: Instant) -> Result<(), BoxError> {
     pvcs.delete("data", &DeleteParams::default()).await?;
     wait_gone(pvs.clone(), &pv_name, "PersistentVolume").await;
     wait_gone(pvs.clone(), &restored_pv, "PersistentVolume").await;
+    // 7. A raw block volume: the pod gets the device itself; bytes survive a re-attach.
+    pvcs.create(
+        &PostParams::default(),
+        &claim_with_mode("raw", "kubevirt-fast", "32Mi", None, "Block"),
+    )
+    .await?;
+    let raw_pv = wait_bound(&pvcs, "raw")
+        .await
+        .spec
+        .and_then(|s| s.volume_name)
+        .ok_or("no PV")?;
+    pods.create(
+        &PostParams::default(),
+        &block_pod("block-1", &fs.node.name, "raw"),
+    )
+    .await?;
+    let vols = kubelet.mount_pod(NS, "block-1").await?;
+    let vol = vols.first().ok_or("pod has no CSI volume")?.clone();
+    assert!(vol.block, "PV {raw_pv} should be a block volume");
+    let dev = vol.target_path.display().to_string();
+    let kind = vm
+        .exec_ok(["sh", "-c", &format!("test -b {dev} && echo block")])
+        .await?;
+    assert_eq!(
+        kind.trim(),
+        "block",
+        "{dev} is not a block device in the VM"
+    );
+    vm.exec_ok([
+        "sh",
+        "-c",
+        &format!("printf raw-bytes | dd of={dev} bs=512 conv=sync,fsync 2>/dev/null"),
+    ])
+    .await?;
+    kubelet.unmount_and_delete_pod(NS, "block-1", &vols).await?;
+    wait_gone(vas.clone(), &vol.attachment, "VolumeAttachment").await;
+    pods.create(
+        &PostParams::default(),
+        &block_pod("block-2", &fs.node.name, "raw"),
+    )
+    .await?;
+    let vols = kubelet.mount_pod(NS, "block-2").await?;
+    let vol = vols.first().ok_or("pod has no CSI volume")?.clone();
+    let dev = vol.target_path.display().to_string();
+    let back = vm
+        .exec_ok(["sh", "-c", &format!("dd if={dev} bs=9 count=1 2>/dev/null")])
+        .await?;
+    assert_eq!(
+        back, "raw-bytes",
+        "block data did not survive detach and re-attach"
+    );
+    kubelet.unmount_and_delete_pod(NS, "block-2", &vols).await?;
+    wait_gone(vas.clone(), &vol.attachment, "VolumeAttachment").await;
+    pvcs.delete("raw", &DeleteParams::default()).await?;
+    wait_gone(pvs.clone(), &raw_pv, "PersistentVolume").await;
+    step(
+        t,
+        "block volume: device in the pod, data kept across re-attach, deleted",
+    );
+
     let left: BTreeMap<String, String> = infra_data_volumes(fs)
         .await
         .into_iter()
