@@ -26,14 +26,15 @@ pub enum InfraError {
         name: String,
         message: String,
     },
-    /// The controller's infra credentials lack a permission.
-    #[error(
-        "the controller's infra credentials may not access {kind} {name}: {message} (check the infra Role)"
-    )]
+    /// The infra apiserver forbade the request: RBAC (the controller's Role lacks a verb)
+    /// or an admission rule (e.g. the infra StorageClass does not allow expansion).
+    #[error("the infra cluster forbids this on {kind} {name}: {message}{hint}")]
     Forbidden {
         kind: &'static str,
         name: String,
         message: String,
+        /// Points at the Role when RBAC said no.
+        hint: &'static str,
     },
     /// The infra apiserver rejected an object we sent.
     #[error("the infra cluster rejected {kind} {name}: {message}")]
@@ -74,6 +75,12 @@ impl InfraError {
                 401 | 403 => InfraError::Forbidden {
                     kind,
                     name: name.to_string(),
+                    // RBAC denials read "User ... cannot <verb> resource ...".
+                    hint: if s.message.contains(" cannot ") {
+                        " (the controller's infra Role lacks this permission)"
+                    } else {
+                        ""
+                    },
                     message: s.message,
                 },
                 400 | 422 => InfraError::Rejected {
@@ -197,6 +204,23 @@ mod tests {
             };
             assert_eq!(err.code(), want, "HTTP {http}");
         }
+    }
+
+    #[test]
+    fn forbidden_points_at_the_role_only_for_rbac_denials() {
+        let forbidden = |msg: &str| {
+            let status = kube::core::Status::failure(msg, "Forbidden")
+                .with_code(403)
+                .boxed();
+            InfraError::from_kube("DataVolume", "ns", "x", kube::Error::Api(status)).to_string()
+        };
+        let rbac = forbidden("User \"sa\" cannot patch resource \"datavolumes\"");
+        assert!(
+            rbac.ends_with("(the controller's infra Role lacks this permission)"),
+            "{rbac}"
+        );
+        let admission = forbidden("only dynamically provisioned pvc can be resized");
+        assert!(!admission.contains("Role"), "{admission}");
     }
 
     #[test]

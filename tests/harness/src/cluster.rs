@@ -311,10 +311,14 @@ impl ControlPlane {
 
     /// A kubeconfig that authenticates with a bearer token (e.g. a service-account token).
     pub fn kubeconfig_with_token(&self, user: &str, token: &str) -> String {
+        self.kubeconfig_with_token_server(&self.url, user, token)
+    }
+
+    /// Like [`ControlPlane::kubeconfig_with_token`], reaching the apiserver at `server`.
+    pub fn kubeconfig_with_token_server(&self, server: &str, user: &str, token: &str) -> String {
         let b64 = base64::engine::general_purpose::STANDARD;
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: kvcsi\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: kvcsi\n  context:\n    cluster: kvcsi\n    user: {user}\ncurrent-context: kvcsi\n",
-            self.url,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kvcsi\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: kvcsi\n  context:\n    cluster: kvcsi\n    user: {user}\ncurrent-context: kvcsi\n",
             b64.encode(self.ca.cert_pem()),
         )
     }

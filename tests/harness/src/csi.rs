@@ -7,8 +7,10 @@ use csi_proto::v1::controller_client::ControllerClient;
 use csi_proto::v1::identity_client::IdentityClient;
 use csi_proto::v1::node_client::NodeClient;
 use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::process::{ManagedProcess, ProcessError, ScratchDir};
@@ -75,40 +77,63 @@ pub async fn connect_tcp(addr: std::net::SocketAddr) -> Result<Channel, CsiError
         .map_err(|source| CsiError::Connect { target, source })
 }
 
-/// Grants `user` the controller's infra Role from `deploy/infra/role.yaml` in `namespace`,
-/// so tests run the controller with exactly the permissions we ship.
-pub async fn grant_controller_role(
-    client: &kube::Client,
-    namespace: &str,
-    user: &str,
-) -> Result<(), CsiError> {
-    let path = repo_root().join("deploy/infra/role.yaml");
-    let rbac = |what: &str| {
-        let what = what.to_string();
+/// Applies `deploy/infra` (the controller's Role, ServiceAccount and RoleBinding) into
+/// `namespace` the way its kustomize overlays do (namespace set on every object and on the
+/// binding's ServiceAccount subject), and returns a token of that ServiceAccount from the
+/// TokenRequest API. Tests run the controller with it, so a verb missing from the shipped
+/// Role, or a broken binding, fails them.
+pub async fn controller_token(client: &kube::Client, namespace: &str) -> Result<String, CsiError> {
+    let rbac = |what: String| {
         move |e: Box<dyn std::error::Error + Send + Sync>| CsiError::Rbac { what, source: e }
     };
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| rbac(&path.display().to_string())(e.into()))?;
-    let role: Role =
-        serde_yaml::from_str(&text).map_err(|e| rbac(&path.display().to_string())(e.into()))?;
-    let name = role.metadata.name.clone().unwrap_or_default();
+    let read = |file: &str| -> Result<String, CsiError> {
+        let path = repo_root().join("deploy/infra").join(file);
+        std::fs::read_to_string(&path).map_err(|e| rbac(path.display().to_string())(e.into()))
+    };
     let pp = PatchParams::apply("kvcsi-harness").force();
+
+    let mut role: Role = serde_yaml::from_str(&read("role.yaml")?)
+        .map_err(|e| rbac("deploy/infra/role.yaml".into())(e.into()))?;
+    role.metadata.namespace = Some(namespace.to_string());
+    let role_name = role.metadata.name.clone().unwrap_or_default();
     Api::<Role>::namespaced(client.clone(), namespace)
-        .patch(&name, &pp, &Patch::Apply(&role))
+        .patch(&role_name, &pp, &Patch::Apply(&role))
         .await
-        .map_err(|e| rbac("the controller Role")(e.into()))?;
-    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": format!("{name}-{user}")},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
-    }))
-    .map_err(|e| rbac("the controller RoleBinding")(e.into()))?;
+        .map_err(|e| rbac("the controller Role".into())(e.into()))?;
+
+    let mut sa: ServiceAccount = serde_yaml::from_str(&read("serviceaccount.yaml")?)
+        .map_err(|e| rbac("deploy/infra/serviceaccount.yaml".into())(e.into()))?;
+    sa.metadata.namespace = Some(namespace.to_string());
+    let sa_name = sa.metadata.name.clone().unwrap_or_default();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    sas.patch(&sa_name, &pp, &Patch::Apply(&sa))
+        .await
+        .map_err(|e| rbac("the controller ServiceAccount".into())(e.into()))?;
+
+    let mut binding: RoleBinding = serde_yaml::from_str(&read("rolebinding.yaml")?)
+        .map_err(|e| rbac("deploy/infra/rolebinding.yaml".into())(e.into()))?;
+    binding.metadata.namespace = Some(namespace.to_string());
+    for subject in binding.subjects.iter_mut().flatten() {
+        if subject.kind == "ServiceAccount" {
+            subject.namespace = Some(namespace.to_string());
+        }
+    }
+    let binding_name = binding.metadata.name.clone().unwrap_or_default();
     Api::<RoleBinding>::namespaced(client.clone(), namespace)
-        .patch(&format!("{name}-{user}"), &pp, &Patch::Apply(&binding))
+        .patch(&binding_name, &pp, &Patch::Apply(&binding))
         .await
-        .map_err(|e| rbac("the controller RoleBinding")(e.into()))?;
-    Ok(())
+        .map_err(|e| rbac("the controller RoleBinding".into())(e.into()))?;
+
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 86400}
+    }))
+    .map_err(|e| rbac("a TokenRequest".into())(e.into()))?;
+    let issued = sas
+        .create_token_request(&sa_name, &PostParams::default(), &request)
+        .await
+        .map_err(|e| rbac(format!("a token for {namespace}/{sa_name}"))(e.into()))?;
+    Ok(issued.status.map(|s| s.token).unwrap_or_default())
 }
 
 /// How to start the controller plugin.

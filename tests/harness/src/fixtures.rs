@@ -12,7 +12,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::wait::await_condition;
 
 use crate::cluster::{ClusterError, ControlPlane};
-use crate::csi::{CsiError, grant_controller_role};
+use crate::csi::{CsiError, controller_token};
 
 /// Annotation telling the stand-in which QMP socket attaches disks to this VMI.
 pub const QMP_SOCKET_ANNOTATION: &str = "standin.kubevirt-csi.io/qmp-socket";
@@ -123,9 +123,12 @@ pub async fn tenant(
             what: format!("namespace {namespace}"),
             source,
         })?;
-    let user = format!("kvcsi-controller-{namespace}");
-    grant_controller_role(&client, namespace, &user).await?;
-    let controller_kubeconfig = cp.kubeconfig_for_server(server.unwrap_or(cp.url()), &user, &[])?;
+    let token = controller_token(&client, namespace).await?;
+    let controller_kubeconfig = cp.kubeconfig_with_token_server(
+        server.unwrap_or(cp.url()),
+        &format!("system:serviceaccount:{namespace}:kubevirt-csi-controller"),
+        &token,
+    );
     Ok(TenantFixture {
         namespace: namespace.to_string(),
         labels: labels
