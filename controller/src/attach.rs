@@ -110,6 +110,15 @@ fn vm_has_volume(vm: Option<&VirtualMachine>, name: &str) -> bool {
 }
 
 impl Driver {
+    /// The VM and VMI behind a node (either may be absent), fetched concurrently.
+    async fn worker(
+        &self,
+        node: &NodeId,
+    ) -> Result<(Option<VirtualMachine>, Option<VirtualMachineInstance>), InfraError> {
+        let (vm, vmi) = tokio::join!(self.infra.vm(&node.vm), self.infra.vmi(&node.vm));
+        Ok((vm?, vmi?))
+    }
+
     /// ControllerPublishVolume. Spec rules honoured: volume_id, node_id and
     /// volume_capability are required (INVALID_ARGUMENT); an unknown volume or node is
     /// NOT_FOUND; a single-node volume published on another node is FAILED_PRECONDITION;
@@ -153,16 +162,10 @@ impl Driver {
                 self.infra.namespace()
             )));
         }
-        let vm = self
-            .infra
-            .vm(&node.vm)
+        let (vm, vmi) = self
+            .worker(&node)
             .await
-            .map_err(ctx("looking up the vm"))?;
-        let vmi = self
-            .infra
-            .vmi(&node.vm)
-            .await
-            .map_err(ctx("looking up the vmi"))?;
+            .map_err(ctx("looking up the worker VM"))?;
         if vm.is_none() && vmi.is_none() {
             return Err(ControllerError::NotFound(format!(
                 "no worker VM backs node {node}"
@@ -406,16 +409,10 @@ impl Driver {
             .data_volume(id)
             .await
             .map_err(ctx("looking up the volume"))?;
-        let vm = self
-            .infra
-            .vm(&node.vm)
+        let (vm, vmi) = self
+            .worker(&node)
             .await
-            .map_err(ctx("looking up the vm"))?;
-        let vmi = self
-            .infra
-            .vmi(&node.vm)
-            .await
-            .map_err(ctx("looking up the vmi"))?;
+            .map_err(ctx("looking up the worker VM"))?;
         let target = if vm_has_volume(vm.as_ref(), id) {
             Some(HotplugTarget::Vm)
         } else if vmi_has_volume(vmi.as_ref(), id) {
