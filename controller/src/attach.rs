@@ -177,14 +177,12 @@ impl Driver {
             ))
         })?;
 
+        // The bus the volume context names, else (no or unreadable bus) the one recorded
+        // on the DataVolume at creation.
         let bus = VolumeContext::from_map(&req.volume_context)
-            .map(|c| c.bus)
-            .unwrap_or_else(|_| bus_of(&dv, self.settings.default_bus));
-        let bus = if req.volume_context.contains_key("bus") {
-            bus
-        } else {
-            bus_of(&dv, self.settings.default_bus)
-        };
+            .ok()
+            .and_then(|c| c.bus)
+            .unwrap_or_else(|| bus_of(&dv, self.settings.default_bus));
         let publish = PublishContext {
             serial: names::disk_serial(id),
             bus,
@@ -316,17 +314,14 @@ impl Driver {
         vm: &str,
         attached: bool,
     ) -> Result<(), ControllerError> {
-        let mut names = attached_to(dv);
-        names.retain(|n| n != vm);
+        let mut current = attached_to(dv);
+        current.sort();
+        let mut names: Vec<String> = current.iter().filter(|n| *n != vm).cloned().collect();
         if attached {
             names.push(vm.to_string());
+            names.sort();
         }
-        names.sort();
-        if names == {
-            let mut cur = attached_to(dv);
-            cur.sort();
-            cur
-        } {
+        if names == current {
             return Ok(());
         }
         let value = if names.is_empty() {

@@ -67,7 +67,8 @@ pub enum ParamError {
 pub struct StorageClassParams {
     /// The infra StorageClass the DataVolume uses; `None` means the infra default.
     pub infra_storage_class: Option<String>,
-    pub bus: Bus,
+    /// `None` when the StorageClass names no bus: the controller's `--default-bus` applies.
+    pub bus: Option<Bus>,
 }
 
 impl StorageClassParams {
@@ -82,7 +83,7 @@ impl StorageClassParams {
                         out.infra_storage_class = Some(v.clone());
                     }
                 }
-                "bus" => out.bus = Bus::parse(v)?,
+                "bus" => out.bus = Some(Bus::parse(v)?),
                 k if k.starts_with(SIDECAR_PREFIX) => {}
                 _ => {
                     return Err(ParamError::Unknown {
@@ -99,23 +100,22 @@ impl StorageClassParams {
 /// The volume context CreateVolume returns; CSI hands it back on publish and to the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeContext {
-    pub bus: Bus,
+    /// `None` when the context carries no bus (a volume made outside this driver version):
+    /// publish then uses the bus recorded on the DataVolume.
+    pub bus: Option<Bus>,
 }
 
 impl VolumeContext {
     pub fn to_map(&self) -> HashMap<String, String> {
-        HashMap::from([("bus".to_string(), self.bus.as_str().to_string())])
+        self.bus
+            .map(|b| ("bus".to_string(), b.as_str().to_string()))
+            .into_iter()
+            .collect()
     }
 
-    /// Reads what publish needs; an absent bus means the default, so volumes created
-    /// outside this driver version still attach.
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ParamError> {
         Ok(Self {
-            bus: map
-                .get("bus")
-                .map(|b| Bus::parse(b))
-                .transpose()?
-                .unwrap_or_default(),
+            bus: map.get("bus").map(|b| Bus::parse(b)).transpose()?,
         })
     }
 }
@@ -217,7 +217,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(p.infra_storage_class.as_deref(), Some("fast"));
-        assert_eq!(p.bus, Bus::Virtio);
+        assert_eq!(p.bus, Some(Bus::Virtio));
         assert!(matches!(
             StorageClassParams::parse(&map(&[("infraStorageclassName", "x")])),
             Err(ParamError::Unknown { .. })
@@ -226,17 +226,17 @@ mod tests {
             StorageClassParams::parse(&map(&[("bus", "ide")])),
             Err(ParamError::Invalid { .. })
         ));
-        assert_eq!(StorageClassParams::parse(&map(&[])).unwrap().bus, Bus::Scsi);
+        assert_eq!(StorageClassParams::parse(&map(&[])).unwrap().bus, None);
     }
 
     #[test]
     fn contexts_round_trip() {
-        let vc = VolumeContext { bus: Bus::Sata };
+        let vc = VolumeContext {
+            bus: Some(Bus::Sata),
+        };
         assert_eq!(VolumeContext::from_map(&vc.to_map()).unwrap(), vc);
-        assert_eq!(
-            VolumeContext::from_map(&HashMap::new()).unwrap().bus,
-            Bus::Scsi
-        );
+        assert_eq!(VolumeContext::from_map(&HashMap::new()).unwrap().bus, None);
+        assert!(VolumeContext::from_map(&[("bus".to_string(), "ide".to_string())].into()).is_err());
         let pc = PublishContext {
             serial: "kvabc".into(),
             bus: Bus::Virtio,

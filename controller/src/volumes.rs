@@ -150,11 +150,7 @@ impl Driver {
         let shape: Shape = capability::shape(&req.volume_capabilities)?;
         let params = StorageClassParams::parse(&req.parameters)
             .map_err(|e| ControllerError::InvalidArgument(e.to_string()))?;
-        let bus = if req.parameters.contains_key("bus") {
-            params.bus
-        } else {
-            self.settings.default_bus
-        };
+        let bus = params.bus.unwrap_or(self.settings.default_bus);
         self.settings
             .config
             .storage_class_enforcement
@@ -239,7 +235,7 @@ impl Driver {
             volume: Some(csi::Volume {
                 capacity_bytes: capacity as i64,
                 volume_id: dv_name,
-                volume_context: VolumeContext { bus }.to_map(),
+                volume_context: VolumeContext { bus: Some(bus) }.to_map(),
                 content_source: req.volume_content_source,
                 accessible_topology: vec![],
             }),
@@ -641,7 +637,7 @@ impl Driver {
             capacity_bytes: capacity as i64,
             volume_id: id.clone(),
             volume_context: VolumeContext {
-                bus: bus_of(dv, self.settings.default_bus),
+                bus: Some(bus_of(dv, self.settings.default_bus)),
             }
             .to_map(),
             content_source: None,
