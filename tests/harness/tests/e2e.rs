@@ -46,14 +46,19 @@ fn claim_with_mode(
     serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap()
 }
 
-/// A pod consuming a raw block claim as a device.
-fn block_pod(name: &str, node: &str, claim: &str) -> Pod {
+/// A pod using `claim`; `uses` is how its container takes the volume
+/// (`volumeMounts` for a filesystem, `volumeDevices` for a raw block device).
+fn pod_using(name: &str, node: &str, claim: &str, uses: serde_json::Value) -> Pod {
+    let mut container = serde_json::json!({"name": "c", "image": "busybox"});
+    if let (Some(c), Some(u)) = (container.as_object_mut(), uses.as_object()) {
+        c.extend(u.clone());
+    }
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {
             "nodeName": node,
             "automountServiceAccountToken": false,
-            "containers": [{"name": "c", "image": "busybox", "volumeDevices": [{"name": "data", "devicePath": "/dev/xvda"}]}],
+            "containers": [container],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
         }
     }))
@@ -61,16 +66,13 @@ fn block_pod(name: &str, node: &str, claim: &str) -> Pod {
 }
 
 fn pod(name: &str, node: &str, claim: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeName": node,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "c", "image": "busybox", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
-        }
-    }))
-    .unwrap()
+    let uses = serde_json::json!({"volumeMounts": [{"name": "data", "mountPath": "/data"}]});
+    pod_using(name, node, claim, uses)
+}
+
+fn block_pod(name: &str, node: &str, claim: &str) -> Pod {
+    let uses = serde_json::json!({"volumeDevices": [{"name": "data", "devicePath": "/dev/xvda"}]});
+    pod_using(name, node, claim, uses)
 }
 
 async fn wait_bound(pvcs: &Api<PersistentVolumeClaim>, name: &str) -> PersistentVolumeClaim {
