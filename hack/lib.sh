@@ -21,10 +21,13 @@ CSI_SNAPSHOTTER_VERSION="${CSI_SNAPSHOTTER_VERSION:-v8.6.0}"
 # hack/tools.sh does not build them; deploy/ uses their images at these versions.
 CSI_NODE_DRIVER_REGISTRAR_VERSION="${CSI_NODE_DRIVER_REGISTRAR_VERSION:-v2.17.0}"
 CSI_LIVENESSPROBE_VERSION="${CSI_LIVENESSPROBE_VERSION:-v2.19.0}"
+# KubeVirt's virt-api and virt-controller (hack/tools.sh kubevirt), built from the Go module
+# kubevirt.io/kubevirt with kubevirt.io/api and kubevirt.io/client-go at the same version.
+KUBEVIRT_VERSION="${KUBEVIRT_VERSION:-v1.7.0}"
 # Debian bookworm ships etcd 3.4.23; kube-apiserver <= 1.34 works with it.
 ETCD_DEB_VERSION_PREFIX="3.4."
 
-export KVCSI_ROOT KVCSI_CACHE K8S_VERSION CSI_SANITY_VERSION
+export KVCSI_ROOT KVCSI_CACHE K8S_VERSION CSI_SANITY_VERSION KUBEVIRT_VERSION
 export CSI_PROVISIONER_VERSION CSI_ATTACHER_VERSION CSI_RESIZER_VERSION CSI_SNAPSHOTTER_VERSION
 export CSI_NODE_DRIVER_REGISTRAR_VERSION CSI_LIVENESSPROBE_VERSION
 
@@ -40,6 +43,24 @@ stage() {
   if "$@"; then rc=0; else rc=$?; fi
   end=$(date +%s.%N)
   log "$(awk -v n="$name" -v s="$start" -v e="$end" -v r="$rc" 'BEGIN{printf "stage \x27%s\x27 finished in %.1fs (exit %d)", n, e-s, r}')"
+  return $rc
+}
+
+# heartbeat CMD...: run CMD, printing a line every 30 s while it runs, so a long silent
+# `go build` is not mistaken for a hang in CI logs.
+heartbeat() {
+  local start; start=$(date +%s)
+  "$@" &
+  local pid=$! rc
+  while kill -0 "$pid" 2>/dev/null; do
+    local i
+    for i in $(seq 30); do
+      sleep 1
+      kill -0 "$pid" 2>/dev/null || break 2
+    done
+    log "still running after $(( $(date +%s) - start ))s: ${*:1:2}"
+  done
+  if wait "$pid"; then rc=0; else rc=$?; fi
   return $rc
 }
 

@@ -2,13 +2,14 @@
 # Installs or builds every external tool the tests and the local stack need, at pinned
 # versions, cached under $KVCSI_CACHE. A warm run only checks the cache and takes seconds.
 #
-# Usage: hack/tools.sh [all|k8s|sanity|sidecars|debs]   (default: all)
+# Usage: hack/tools.sh [all|k8s|sanity|sidecars|kubevirt|debs]   (default: all)
 # Prints "export VAR=path" lines for the built tools on stdout when called with --env.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 K8S_BIN="$KVCSI_CACHE/bin/k8s-$K8S_VERSION"
 SANITY_BIN="$KVCSI_CACHE/bin/csi-sanity-$CSI_SANITY_VERSION"
+KUBEVIRT_BIN="$KVCSI_CACHE/bin/kubevirt-$KUBEVIRT_VERSION"
 
 debs() {
   # etcd for the apiservers, qemu for the worker VM, filesystem tools the node plugin calls,
@@ -165,6 +166,87 @@ sidecars() {
   log "node-driver-registrar $CSI_NODE_DRIVER_REGISTRAR_VERSION and livenessprobe $CSI_LIVENESSPROBE_VERSION are image-only pins (see hack/lib.sh); not built"
 }
 
+# KubeVirt's virt-api and virt-controller, and the objects virt-operator would install
+# (CRDs, RBAC, webhooks, APIServices), printed by hack/kubevirt-manifests. Like kubernetes,
+# kubevirt.io/kubevirt has replace directives (its staging modules and pins of k8s.io/* and
+# openshift), so a wrapper module requires it together with the published kubevirt.io/api
+# and kubevirt.io/client-go releases and repeats every replace except the ./staging ones.
+kubevirt_wrapper() {
+  local src=$1
+  local gomod
+  gomod=$(cd "$src" && GOFLAGS=-mod=mod go mod download -json "kubevirt.io/kubevirt@$KUBEVIRT_VERSION" \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("GoMod") or sys.exit(d.get("Error", "no go.mod")))') \
+    || die "cannot download kubevirt.io/kubevirt@$KUBEVIRT_VERSION from the module proxy"
+  local replaces
+  replaces=$(go mod edit -json "$gomod" | python3 -c '
+import json, sys
+for r in json.load(sys.stdin).get("Replace") or []:
+    old, new = r["Old"], r["New"]
+    if not new.get("Version"):
+        continue  # ./staging/src/kubevirt.io/{api,client-go}: required at the same version instead
+    lhs = old["Path"] + (" " + old["Version"] if old.get("Version") else "")
+    print("replace %s => %s %s" % (lhs, new["Path"], new["Version"]))
+')
+  [ -n "$replaces" ] || die "kubevirt.io/kubevirt@$KUBEVIRT_VERSION has no replace block; check the wrapper logic"
+  {
+    echo "module kvcsi.local/kubevirt-wrapper"
+    echo
+    echo "go 1.24.0"
+    echo
+    echo "require ("
+    echo "	kubevirt.io/kubevirt $KUBEVIRT_VERSION"
+    echo "	kubevirt.io/api $KUBEVIRT_VERSION"
+    echo "	kubevirt.io/client-go $KUBEVIRT_VERSION"
+    echo ")"
+    echo
+    echo "tool ("
+    echo "	kubevirt.io/kubevirt/cmd/virt-api"
+    echo "	kubevirt.io/kubevirt/cmd/virt-controller"
+    echo ")"
+    echo
+    echo "$replaces"
+  } > "$src/go.mod"
+  mkdir -p "$src/cmd/kubevirt-manifests"
+  cp "$KVCSI_ROOT/hack/kubevirt-manifests/main.go" "$src/cmd/kubevirt-manifests/main.go"
+  (cd "$src" && GOFLAGS=-mod=mod heartbeat go mod tidy >&2) || die "go mod tidy for the kubevirt wrapper failed"
+}
+
+kubevirt_build() {
+  local src=$1
+  local ldflags="-s -w -X kubevirt.io/client-go/version.gitVersion=$KUBEVIRT_VERSION"
+  local tmp="$KUBEVIRT_BIN/.tmp"
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  log "building virt-api, virt-controller $KUBEVIRT_VERSION and kubevirt-manifests (cold: ~4 minutes on 2 cores)"
+  (cd "$src" && GOFLAGS=-mod=mod heartbeat go build -trimpath -ldflags "$ldflags" -o "$tmp/" \
+    kubevirt.io/kubevirt/cmd/virt-api kubevirt.io/kubevirt/cmd/virt-controller ./cmd/kubevirt-manifests) \
+    || die "building KubeVirt $KUBEVIRT_VERSION failed"
+  mv "$tmp/virt-api" "$tmp/virt-controller" "$tmp/kubevirt-manifests" "$KUBEVIRT_BIN/"
+  rmdir "$tmp"
+}
+
+kubevirt_manifests() {
+  local out="$KUBEVIRT_BIN/manifests"
+  rm -rf "$out.tmp"
+  "$KUBEVIRT_BIN/kubevirt-manifests" "$out.tmp" || die "kubevirt-manifests failed"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  sha256sum "$KVCSI_ROOT/hack/kubevirt-manifests/main.go" | cut -d' ' -f1 > "$out/.source-sha256"
+}
+
+kubevirt() {
+  local want_sha; want_sha=$(sha256sum "$KVCSI_ROOT/hack/kubevirt-manifests/main.go" | cut -d' ' -f1)
+  local have_sha; have_sha=$(cat "$KUBEVIRT_BIN/manifests/.source-sha256" 2>/dev/null || true)
+  if [ -x "$KUBEVIRT_BIN/virt-api" ] && [ -x "$KUBEVIRT_BIN/virt-controller" ] \
+    && [ -x "$KUBEVIRT_BIN/kubevirt-manifests" ] && [ "$want_sha" = "$have_sha" ]; then
+    log "KubeVirt $KUBEVIRT_VERSION binaries and manifests cached in $KUBEVIRT_BIN"
+    return 0
+  fi
+  local src="$KVCSI_CACHE/src/kubevirt-wrapper-$KUBEVIRT_VERSION"
+  mkdir -p "$src" "$KUBEVIRT_BIN"
+  stage "kubevirt $KUBEVIRT_VERSION wrapper module (go mod tidy)" kubevirt_wrapper "$src"
+  stage "kubevirt $KUBEVIRT_VERSION go build" kubevirt_build "$src"
+  stage "kubevirt $KUBEVIRT_VERSION manifests" kubevirt_manifests
+}
+
 print_env() {
   echo "export KVCSI_CACHE='$KVCSI_CACHE'"
   echo "export KUBE_APISERVER='$K8S_BIN/kube-apiserver'"
@@ -177,6 +259,9 @@ print_env() {
   echo "export CSI_RESIZER='$(sidecar_bin csi-resizer "$CSI_RESIZER_VERSION")'"
   echo "export CSI_SNAPSHOTTER='$(sidecar_bin csi-snapshotter "$CSI_SNAPSHOTTER_VERSION")'"
   echo "export SNAPSHOT_CONTROLLER='$(sidecar_bin snapshot-controller "$CSI_SNAPSHOTTER_VERSION")'"
+  echo "export VIRT_API='$KUBEVIRT_BIN/virt-api'"
+  echo "export VIRT_CONTROLLER='$KUBEVIRT_BIN/virt-controller'"
+  echo "export KUBEVIRT_MANIFESTS='$KUBEVIRT_BIN/manifests'"
 }
 
 what=${1:-all}
@@ -185,7 +270,8 @@ case "$what" in
   k8s) stage "kubernetes $K8S_VERSION" k8s ;;
   sanity) stage "csi-sanity $CSI_SANITY_VERSION" sanity ;;
   sidecars) stage "csi sidecars" sidecars ;;
-  all) stage debs debs; stage "kubernetes $K8S_VERSION" k8s; stage "csi-sanity $CSI_SANITY_VERSION" sanity; stage "csi sidecars" sidecars ;;
+  kubevirt) stage "kubevirt $KUBEVIRT_VERSION" kubevirt ;;
+  all) stage debs debs; stage "kubernetes $K8S_VERSION" k8s; stage "csi-sanity $CSI_SANITY_VERSION" sanity; stage "csi sidecars" sidecars; stage "kubevirt $KUBEVIRT_VERSION" kubevirt ;;
   --env) print_env ;;
-  *) die "unknown target '$what' (all|k8s|sanity|sidecars|debs|--env)" ;;
+  *) die "unknown target '$what' (all|k8s|sanity|sidecars|kubevirt|debs|--env)" ;;
 esac
