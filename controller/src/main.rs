@@ -12,9 +12,8 @@ use kubevirt_csi_controller::driver::{Driver, HotplugMode, Settings, Timeouts};
 use kubevirt_csi_controller::identity::Identity;
 use kubevirt_csi_controller::infra::{Infra, Tenant};
 use kubevirt_csi_controller::params::{Bus, ConfigFile};
-use kubevirt_csi_controller::server::{Endpoint, bind_unix, shutdown_signal};
+use kubevirt_csi_controller::server::{Endpoint, Listener, shutdown_signal};
 use kubevirt_csi_controller::service::ControllerService;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
@@ -36,6 +35,10 @@ struct Args {
     /// Where to serve CSI: unix:///path/csi.sock or tcp://host:port.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     endpoint: String,
+    /// Allow a TCP endpoint on a non-loopback address. CSI carries no authentication: anyone
+    /// who reaches the port can create, attach and delete this tenant's volumes.
+    #[arg(long)]
+    insecure_tcp: bool,
     /// Kubeconfig for the infra cluster; in-cluster credentials when absent.
     #[arg(long, env = "INFRA_KUBECONFIG")]
     infra_kubeconfig: Option<PathBuf>,
@@ -134,6 +137,12 @@ async fn infra_client(path: Option<&PathBuf>) -> Result<kube::Client, Box<dyn st
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     init_logging(args.log_format);
+    // Refused endpoints fail before anything talks to the infra cluster.
+    // Display, not Debug: main's Err is printed with Debug, and these messages say what to do.
+    let endpoint = Endpoint::parse(&args.endpoint).map_err(|e| e.to_string())?;
+    endpoint
+        .check_exposure(args.insecure_tcp)
+        .map_err(|e| e.to_string())?;
 
     let tenant = Tenant::new(&args.infra_namespace, &args.tenant_labels)?;
     let config = match &args.config {
@@ -176,22 +185,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .add_service(IdentityServer::new(Identity::new(client)))
         .add_service(ControllerServer::new(ControllerService::new(driver)));
 
-    let endpoint = Endpoint::parse(&args.endpoint)?;
-    tracing::info!(endpoint = %args.endpoint, namespace = %tenant.namespace, labels = %tenant.selector(), "serving CSI controller");
-    match endpoint {
-        Endpoint::Unix(path) => {
-            let listener = bind_unix(&path)?;
+    let listener = endpoint
+        .listen(args.insecure_tcp)
+        .await
+        .map_err(|e| kubevirt_csi_common::error_chain(&e))?;
+    tracing::info!(endpoint = %listener.describe(), namespace = %tenant.namespace, labels = %tenant.selector(), "serving CSI controller");
+    match listener {
+        Listener::Unix { listener, path } => {
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .serve_with_incoming_shutdown(Listener::unix_incoming(listener), shutdown_signal())
                 .await?;
             let _ = std::fs::remove_file(&path);
         }
-        Endpoint::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        Listener::Tcp { listener, .. } => {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+                .serve_with_incoming_shutdown(Listener::tcp_incoming(listener), shutdown_signal())
                 .await?;
         }
     }

@@ -23,6 +23,11 @@ pub struct Args {
     /// Where to serve: unix:///path/to/csi.sock or tcp://127.0.0.1:port.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub endpoint: String,
+    /// Allow a TCP endpoint on a non-loopback address. CSI carries no authentication and
+    /// this plugin mounts and formats disks as root, so anyone who can reach the port owns
+    /// the node: only for test VMs reached through a forwarded port.
+    #[arg(long)]
+    pub insecure_tcp: bool,
     /// The infra VM backing this node as <namespace>/<vm-name>; read from the Node object
     /// named by --node-name when absent.
     #[arg(long, env = "KUBEVIRT_CSI_NODE_ID")]

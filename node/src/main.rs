@@ -25,6 +25,8 @@ fn init_logging(format: LogFormat) {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let endpoint: Endpoint = args.endpoint.parse()?;
+    // Checked before anything else is resolved, so a refused endpoint is the error shown.
+    endpoint.check_exposure(args.insecure_tcp)?;
     let flag = args
         .node_id
         .as_deref()
@@ -43,7 +45,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    serve(&endpoint, NodeService::new(cfg), shutdown).await?;
+    let listener = endpoint.listen(args.insecure_tcp).await?;
+    serve(listener, NodeService::new(cfg), shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

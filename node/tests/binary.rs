@@ -311,3 +311,102 @@ fn start_up_errors_are_clear() {
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&precious).expect("still there"), b"keep");
 }
+
+/// The Python gRPC client (grpcio, installed by hack/python-grpc.sh into the cache): its
+/// interpreter, or a failed test saying why.
+fn python_grpc() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/python-grpc.sh");
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script:?} failed to install the Python gRPC client (see above)"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+/// One unary call through grpcio, which sends the socket path as `:authority`.
+fn python_call(python: &Path, target: &str, method: &str) -> Result<Vec<u8>, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/grpc-unary.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args([target, method])
+        .output()
+        .expect("run the Python client");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    let hex = String::from_utf8(out.stdout).expect("utf-8");
+    let hex = hex.trim();
+    Ok((0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect())
+}
+
+#[tokio::test]
+async fn a_python_grpc_client_is_served_on_the_unix_socket() {
+    use prost::Message;
+    let python = python_grpc();
+    let env = Env::new();
+    let socket = env.dir.path().join("py/csi.sock");
+    let plugin = Plugin::start(&[
+        "--endpoint",
+        &format!("unix://{}", socket.display()),
+        "--node-id",
+        "tenant-ns/vm-py",
+        "--kubelet-root",
+        env.kubelet.to_str().expect("utf-8"),
+    ]);
+    wait_for_socket(&socket).await;
+    // Both spellings gRPC core accepts; each makes it send a percent-encoded path.
+    for target in [
+        format!("unix://{}", socket.display()),
+        format!("unix:{}", socket.display()),
+    ] {
+        let python = python.clone();
+        let (info, node) = tokio::task::spawn_blocking(move || {
+            (
+                python_call(&python, &target, "/csi.v1.Identity/GetPluginInfo"),
+                python_call(&python, &target, "/csi.v1.Node/NodeGetInfo"),
+            )
+        })
+        .await
+        .expect("join");
+        let info = csi_proto::v1::GetPluginInfoResponse::decode(
+            info.expect("GetPluginInfo from Python").as_slice(),
+        )
+        .expect("decode");
+        assert_eq!(info.name, "csi.kubevirt.io");
+        let node = csi_proto::v1::NodeGetInfoResponse::decode(
+            node.expect("NodeGetInfo from Python").as_slice(),
+        )
+        .expect("decode");
+        assert_eq!(node.node_id, "tenant-ns/vm-py");
+    }
+    assert!(plugin.terminate().await.success());
+}
+
+#[test]
+fn tcp_beyond_loopback_needs_insecure_tcp() {
+    let dir = tempfile::Builder::new()
+        .prefix("kvcsi-bin-")
+        .tempdir()
+        .expect("tempdir");
+    for endpoint in ["tcp://0.0.0.0:1", "tcp://[::]:1"] {
+        let err = start_fails(&[
+            "--endpoint",
+            endpoint,
+            "--node-id",
+            "ns/vm",
+            "--kubelet-root",
+            dir.path().to_str().expect("utf-8"),
+        ]);
+        assert!(
+            err.contains("only loopback addresses are allowed") && err.contains("--insecure-tcp"),
+            "{err}"
+        );
+    }
+}

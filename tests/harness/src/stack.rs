@@ -174,6 +174,9 @@ impl Stack {
                 };
                 argv.push(node_bin.display().to_string());
                 argv.extend(node_args(format!("tcp://0.0.0.0:{NODE_PORT}")));
+                // QEMU's user network forwards the host port to the guest's own address, not
+                // its loopback: this VM-only endpoint has to be explicitly insecure.
+                argv.push("--insecure-tcp".into());
                 vm.spawn_background(argv, Some(&format!("{}/node.log", dir.path().display())))
                     .await?;
                 let port = vm
