@@ -12,12 +12,13 @@ use kube::api::{Patch, PatchParams};
 use tracing::{info, instrument};
 
 use crate::capability::is_multi_node;
-use crate::driver::{ANN_ATTACHED_TO, Driver, HotplugMode, required};
+use crate::driver::{ANN_ATTACHED_TO, Driver, HotplugMode, bounded_map, required};
 use crate::error::{ControllerError, InfraError};
+use crate::infra::Tenant;
 use crate::infra::client::HotplugTarget;
 use crate::infra::types::{
     AddVolumeOptions, DataVolume, DataVolumeRef, Disk, DiskTarget, HotplugVolumeSource,
-    RemoveVolumeOptions, VOLUME_READY, VirtualMachine, VirtualMachineInstance, Volume,
+    RemoveVolumeOptions, VOLUME_READY, VirtualMachine, VirtualMachineInstance, VmiSpec, Volume,
 };
 use crate::infra::wait::{Progress, wait_for};
 use crate::names;
@@ -58,55 +59,82 @@ fn is_hotplug(v: &Volume) -> bool {
             .is_some_and(|c| c.hotpluggable)
 }
 
+/// The VMI-shaped spec inside a VM's template.
+fn vm_spec(vm: Option<&VirtualMachine>) -> Option<&VmiSpec> {
+    vm.and_then(|v| v.spec.template.as_ref())
+        .and_then(|t| t.spec.as_ref())
+}
+
+fn vmi_spec(vmi: Option<&VirtualMachineInstance>) -> Option<&VmiSpec> {
+    vmi.map(|v| &v.spec)
+}
+
+fn disk_named<'a>(spec: &'a VmiSpec, name: &str) -> Option<&'a Disk> {
+    spec.domain
+        .as_ref()
+        .and_then(|d| d.devices.disks.iter().find(|d| d.name == name))
+}
+
 /// Hotplugged volumes other than `except` in the VM or VMI spec (whichever has more).
 fn hotplugged_count(
     vm: Option<&VirtualMachine>,
     vmi: Option<&VirtualMachineInstance>,
     except: &str,
 ) -> usize {
-    let count = |vols: &[Volume]| {
-        vols.iter()
-            .filter(|v| v.name != except && is_hotplug(v))
-            .count()
+    let count = |spec: Option<&VmiSpec>| {
+        spec.map_or(0, |s| {
+            s.volumes
+                .iter()
+                .filter(|v| v.name != except && is_hotplug(v))
+                .count()
+        })
     };
-    let from_vm = vm
-        .and_then(|v| v.spec.template.as_ref())
-        .and_then(|t| t.spec.as_ref())
-        .map_or(0, |s| count(&s.volumes));
-    let from_vmi = vmi.map_or(0, |v| count(&v.spec.volumes));
-    from_vm.max(from_vmi)
+    count(vm_spec(vm)).max(count(vmi_spec(vmi)))
 }
 
-/// The disk a VM or VMI spec has for the volume, if any.
-fn disk_in(
+/// The disk of the hotplug this driver made for volume `id` in `spec`, if it is there.
+fn our_disk(tenant: &Tenant, spec: Option<&VmiSpec>, id: &str) -> Option<Disk> {
+    let spec = spec?;
+    let volume = spec.volumes.iter().find(|v| v.name == id)?;
+    let disk = disk_named(spec, id);
+    tenant
+        .owns_hotplug(volume, disk)
+        .then(|| disk.cloned())
+        .flatten()
+}
+
+/// Whether `spec` has any volume or disk named `id`, ours or not.
+fn named_in(spec: Option<&VmiSpec>, id: &str) -> bool {
+    spec.is_some_and(|s| s.volumes.iter().any(|v| v.name == id) || disk_named(s, id).is_some())
+}
+
+/// Whether the VMI still reports a status entry for our volume `id` (attaching or detaching):
+/// an entry whose name is not held in the VMI spec by a volume someone else added.
+fn in_vmi_status(tenant: &Tenant, vmi: Option<&VirtualMachineInstance>, id: &str) -> bool {
+    let Some(vmi) = vmi else {
+        return false;
+    };
+    let foreign_in_spec = vmi.spec.volumes.iter().any(|v| v.name == id)
+        && our_disk(tenant, Some(&vmi.spec), id).is_none();
+    !foreign_in_spec
+        && vmi
+            .status
+            .as_ref()
+            .is_some_and(|s| s.volume_status.iter().any(|e| e.name == id))
+}
+
+/// Whether the VM or VMI holds any trace of volume `id` (used for single-node checks and
+/// DeleteVolume's in-use check, where erring towards "in use" is the safe side).
+pub(crate) fn vm_or_vmi_uses(
     vm: Option<&VirtualMachine>,
     vmi: Option<&VirtualMachineInstance>,
-    name: &str,
-) -> Option<Disk> {
-    let vm_disk = vm
-        .and_then(|v| v.spec.template.as_ref())
-        .and_then(|t| t.spec.as_ref())
-        .and_then(|s| s.domain.as_ref())
-        .and_then(|d| d.devices.disks.iter().find(|d| d.name == name).cloned());
-    vm_disk.or_else(|| {
-        vmi.and_then(|v| v.spec.domain.as_ref())
-            .and_then(|d| d.devices.disks.iter().find(|d| d.name == name).cloned())
-    })
-}
-
-fn vmi_has_volume(vmi: Option<&VirtualMachineInstance>, name: &str) -> bool {
-    vmi.is_some_and(|v| {
-        v.spec.volumes.iter().any(|x| x.name == name)
-            || v.status
-                .as_ref()
-                .is_some_and(|s| s.volume_status.iter().any(|e| e.name == name))
-    })
-}
-
-fn vm_has_volume(vm: Option<&VirtualMachine>, name: &str) -> bool {
-    vm.and_then(|v| v.spec.template.as_ref())
-        .and_then(|t| t.spec.as_ref())
-        .is_some_and(|s| s.volumes.iter().any(|x| x.name == name))
+    id: &str,
+) -> bool {
+    named_in(vm_spec(vm), id)
+        || named_in(vmi_spec(vmi), id)
+        || vmi
+            .and_then(|v| v.status.as_ref())
+            .is_some_and(|s| s.volume_status.iter().any(|e| e.name == id))
 }
 
 impl Driver {
@@ -138,6 +166,7 @@ impl Driver {
         if let Some(why) = crate::capability::unsupported(cap) {
             return Err(ControllerError::InvalidArgument(why));
         }
+        bounded_map(&req.volume_context, "volume_context")?;
         let node = NodeId::parse(&req.node_id)?;
         let _guard = self.locks.try_lock(id)?;
         let ctx = |what: &str| {
@@ -196,16 +225,31 @@ impl Driver {
             serial: Some(publish.serial.clone()),
         };
 
+        // The volume is hotplugged by name and KubeVirt resolves that name to the claim: the
+        // claim under it must be the one CDI made for our DataVolume.
+        self.infra
+            .claim_of(&dv)
+            .await
+            .map_err(ctx("checking the volume's infra claim"))?;
+
         // Already there (a retry): the same disk waits for Ready, a different one conflicts.
-        let present = vm_has_volume(vm.as_ref(), id) || vmi_has_volume(Some(vmi_obj), id);
-        if present {
-            if let Some(existing) = disk_in(vm.as_ref(), Some(vmi_obj), id)
-                && existing != wanted_disk
-            {
+        let tenant = self.infra.tenant();
+        let ours = our_disk(tenant, vm_spec(vm.as_ref()), id)
+            .or_else(|| our_disk(tenant, vmi_spec(Some(vmi_obj)), id));
+        if let Some(existing) = ours {
+            if existing != wanted_disk {
                 return Err(ControllerError::AlreadyExists(format!(
                     "volume {id} is already published to {node} with a different disk ({existing:?})"
                 )));
             }
+        } else if named_in(vm_spec(vm.as_ref()), id) || named_in(vmi_spec(Some(vmi_obj)), id) {
+            return Err(ControllerError::AlreadyExists(format!(
+                "worker VM {node} already has a volume or disk named {id} that this driver did not hotplug"
+            )));
+        } else if in_vmi_status(tenant, Some(vmi_obj), id) {
+            return Err(ControllerError::Aborted(format!(
+                "volume {id} is still being detached from {node}; retry once it is gone"
+            )));
         } else {
             self.check_single_node(&dv, cap, &node).await?;
             let count = hotplugged_count(vm.as_ref(), Some(vmi_obj), id);
@@ -222,9 +266,16 @@ impl Driver {
                 HotplugTarget::Vmi
             };
             info!(serial = %publish.serial, bus = bus.as_str(), ?target, "hotplugging volume");
-            self.hotplug(target, &node.vm, &wanted_disk)
+            self.hotplug(target, &node.vm, vm.as_ref(), &wanted_disk)
                 .await
-                .map_err(ctx("hotplugging"))?;
+                .map_err(|e| match e {
+                    // KubeVirt's admission refused the disk we built from this request (its
+                    // bus, serial or read-only flag): retrying the same request cannot help.
+                    InfraError::Rejected { message, .. } => ControllerError::InvalidArgument(
+                        format!("KubeVirt refused to hotplug volume {id} into {node}: {message}"),
+                    ),
+                    other => ctx("hotplugging")(other),
+                })?;
         }
 
         self.wait_attached(&node, id).await?;
@@ -237,18 +288,19 @@ impl Driver {
     async fn hotplug(
         &self,
         target: HotplugTarget,
-        vm: &str,
+        vm_name: &str,
+        vm: Option<&VirtualMachine>,
         disk: &Disk,
     ) -> Result<(), InfraError> {
         let name = disk.name.clone();
-        match (self.settings.hotplug_mode, target) {
-            (HotplugMode::Declarative, HotplugTarget::Vm) => {
+        match (self.settings.hotplug_mode, target, vm) {
+            (HotplugMode::Declarative, HotplugTarget::Vm, Some(vm)) => {
                 // A JSON patch appends to the lists and leaves the rest of the spec alone.
-                let patch = serde_json::json!([
-                    {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": name, "dataVolume": {"name": name, "hotpluggable": true}}},
-                    {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": disk},
-                ]);
-                self.infra.patch_vm_json(vm, patch).await
+                let ops = vec![
+                    serde_json::json!({"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": name, "dataVolume": {"name": name, "hotpluggable": true}}}),
+                    serde_json::json!({"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": disk}),
+                ];
+                self.infra.patch_vm_json(vm, ops).await
             }
             _ => {
                 let body = AddVolumeOptions {
@@ -262,7 +314,7 @@ impl Driver {
                         persistent_volume_claim: None,
                     },
                 };
-                match self.infra.add_volume(target, vm, &body).await {
+                match self.infra.add_volume(target, vm_name, &body).await {
                     // KubeVirt says 409 when the volume is already being added: a retry of ours.
                     Err(InfraError::Conflict { message, .. }) if message.contains("already") => {
                         Ok(())
@@ -295,7 +347,7 @@ impl Driver {
             let ctx = || ControllerError::infra(format!("checking where volume {id} is attached"));
             let vm = self.infra.vm(&other).await.map_err(ctx())?;
             let vmi = self.infra.vmi(&other).await.map_err(ctx())?;
-            if vm_has_volume(vm.as_ref(), &id) || vmi_has_volume(vmi.as_ref(), &id) {
+            if vm_or_vmi_uses(vm.as_ref(), vmi.as_ref(), &id) {
                 return Err(ControllerError::FailedPrecondition(format!(
                     "volume {id} allows single-node access and is published to {}/{other}",
                     self.infra.namespace()
@@ -330,7 +382,7 @@ impl Driver {
             names.join(",").into()
         };
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": dv.resource_version(), "annotations": {ANN_ATTACHED_TO: value}}
+            "metadata": {"uid": dv.uid(), "resourceVersion": dv.resource_version(), "annotations": {ANN_ATTACHED_TO: value}}
         });
         let id = dv.name_any();
         self.infra
@@ -384,6 +436,10 @@ impl Driver {
     /// ControllerUnpublishVolume. Spec rules honoured: volume_id and node_id are required;
     /// a volume or node that does not exist (or is not this tenant's) is already
     /// unpublished, so the answer is OK; returns only once the disk is gone from the VM.
+    ///
+    /// Only a hotplug this driver made is ever removed (see [`Tenant::owns_hotplug`]): an id
+    /// naming a worker's root disk, or any volume someone else added, leaves the VM untouched.
+    /// An id we could not have issued is answered OK before any request.
     #[instrument(skip_all, fields(volume_id = %req.volume_id, node_id = %req.node_id))]
     pub async fn controller_unpublish_volume(
         &self,
@@ -391,11 +447,16 @@ impl Driver {
     ) -> Result<csi::ControllerUnpublishVolumeResponse, ControllerError> {
         let id = required(&req.volume_id, "volume_id")?;
         required(&req.node_id, "node_id")?;
+        let done = Ok(csi::ControllerUnpublishVolumeResponse {});
+        if !self.infra.tenant().is_our_id(id) {
+            info!("no volume of this driver can have that id; nothing to unpublish");
+            return done;
+        }
         let Ok(node) = NodeId::parse(&req.node_id) else {
-            return Ok(csi::ControllerUnpublishVolumeResponse {});
+            return done;
         };
         if node.namespace != self.infra.namespace() {
-            return Ok(csi::ControllerUnpublishVolumeResponse {});
+            return done;
         }
         let _guard = self.locks.try_lock(id)?;
         let ctx = |what: &str| ControllerError::infra(format!("{what} for volume {id} on {node}"));
@@ -408,20 +469,23 @@ impl Driver {
             .worker(&node)
             .await
             .map_err(ctx("looking up the worker VM"))?;
-        let target = if vm_has_volume(vm.as_ref(), id) {
-            Some(HotplugTarget::Vm)
-        } else if vmi_has_volume(vmi.as_ref(), id) {
-            Some(HotplugTarget::Vmi)
+        let tenant = self.infra.tenant();
+        let target = if let Some(disk) = our_disk(tenant, vm_spec(vm.as_ref()), id) {
+            Some((HotplugTarget::Vm, disk))
         } else {
-            None
+            our_disk(tenant, vmi_spec(vmi.as_ref()), id).map(|d| (HotplugTarget::Vmi, d))
         };
-        if let Some(target) = target {
+        let unplugged = target.is_some();
+        if let Some((target, _)) = target {
             info!(?target, "unplugging volume");
-            self.unplug(target, &node.vm, id)
+            let vm = vm.as_ref().filter(|_| target == HotplugTarget::Vm);
+            self.unplug(target, &node.vm, vm, id)
                 .await
                 .map_err(ctx("unplugging"))?;
         }
-        if vmi.is_some() {
+        // Wait only for what we unplugged, or for a hotplug of ours still leaving the VMI; a
+        // foreign volume of that name is none of our business.
+        if vmi.is_some() && (unplugged || in_vmi_status(tenant, vmi.as_ref(), id)) {
             let what = format!("volume {id} to leave {node}");
             wait_for(
                 self.infra.vmis.clone(),
@@ -429,7 +493,9 @@ impl Driver {
                 &what,
                 self.settings.timeouts.detach,
                 |vmi: Option<&VirtualMachineInstance>| {
-                    if vmi_has_volume(vmi, id) {
+                    if our_disk(tenant, vmi_spec(vmi), id).is_some()
+                        || in_vmi_status(tenant, vmi, id)
+                    {
                         Progress::Pending
                     } else {
                         Progress::Done
@@ -443,44 +509,62 @@ impl Driver {
             self.record_attachment(&dv, &node.vm, false).await?;
         }
         info!("volume detached");
-        Ok(csi::ControllerUnpublishVolumeResponse {})
+        done
     }
 
-    async fn unplug(&self, target: HotplugTarget, vm: &str, id: &str) -> Result<(), InfraError> {
-        if self.settings.hotplug_mode == HotplugMode::Declarative && target == HotplugTarget::Vm {
-            let current = self.infra.vm(vm).await?;
-            let spec = current
-                .as_ref()
-                .and_then(|v| v.spec.template.as_ref())
-                .and_then(|t| t.spec.as_ref());
-            let vol_idx = spec.and_then(|s| s.volumes.iter().position(|v| v.name == id));
+    /// Removes our hotplug `id` from the VM (declarative: a JSON patch of the VM spec whose
+    /// `test` ops pin the entries we checked) or through removevolume.
+    async fn unplug(
+        &self,
+        target: HotplugTarget,
+        vm_name: &str,
+        vm: Option<&VirtualMachine>,
+        id: &str,
+    ) -> Result<(), InfraError> {
+        if let (HotplugMode::Declarative, Some(vm)) = (self.settings.hotplug_mode, vm) {
+            let Some(spec) = vm_spec(Some(vm)) else {
+                return Ok(());
+            };
+            let vol_idx = spec.volumes.iter().position(|v| v.name == id);
             let disk_idx = spec
-                .and_then(|s| s.domain.as_ref())
+                .domain
+                .as_ref()
                 .and_then(|d| d.devices.disks.iter().position(|d| d.name == id));
             let mut ops = Vec::new();
             if let Some(i) = vol_idx {
-                ops.push(serde_json::json!({"op": "test", "path": format!("/spec/template/spec/volumes/{i}/name"), "value": id}));
-                ops.push(serde_json::json!({"op": "remove", "path": format!("/spec/template/spec/volumes/{i}")}));
+                let vol = &spec.volumes[i];
+                let source = if vol.data_volume.is_some() {
+                    "dataVolume"
+                } else {
+                    "persistentVolumeClaim"
+                };
+                let base = format!("/spec/template/spec/volumes/{i}");
+                ops.push(
+                    serde_json::json!({"op": "test", "path": format!("{base}/name"), "value": id}),
+                );
+                ops.push(serde_json::json!({"op": "test", "path": format!("{base}/{source}/hotpluggable"), "value": true}));
+                ops.push(serde_json::json!({"op": "remove", "path": base}));
             }
             if let Some(i) = disk_idx {
-                ops.push(serde_json::json!({"op": "test", "path": format!("/spec/template/spec/domain/devices/disks/{i}/name"), "value": id}));
-                ops.push(serde_json::json!({"op": "remove", "path": format!("/spec/template/spec/domain/devices/disks/{i}")}));
+                let base = format!("/spec/template/spec/domain/devices/disks/{i}");
+                ops.push(
+                    serde_json::json!({"op": "test", "path": format!("{base}/name"), "value": id}),
+                );
+                ops.push(serde_json::json!({"op": "test", "path": format!("{base}/serial"), "value": names::disk_serial(id)}));
+                ops.push(serde_json::json!({"op": "remove", "path": base}));
             }
             if ops.is_empty() {
                 return Ok(());
             }
             // The test ops make the patch fail, rather than remove the wrong entry, if the
             // lists changed since we read them.
-            return self
-                .infra
-                .patch_vm_json(vm, serde_json::Value::Array(ops))
-                .await;
+            return self.infra.patch_vm_json(vm, ops).await;
         }
         match self
             .infra
             .remove_volume(
                 target,
-                vm,
+                vm_name,
                 &RemoveVolumeOptions {
                     name: id.to_string(),
                 },

@@ -89,11 +89,43 @@ pub struct Driver {
 impl Driver {
     pub fn new(infra: Infra, settings: Settings) -> Self {
         Self {
-            infra,
+            infra: infra.with_prefix(&settings.volume_prefix),
             settings,
             locks: Locks::default(),
         }
     }
+}
+
+/// Longest CSI name or id we accept: the spec's general limit for string fields.
+pub const MAX_STRING_BYTES: usize = 128;
+/// Largest map (parameters, contexts, secrets), keys and values together: the spec's limit.
+pub const MAX_MAP_BYTES: usize = 4096;
+
+/// Checks a CSI name given by the CO (volume or snapshot name): required, within the spec's
+/// size limit, and free of NUL (it is stored in an annotation).
+pub fn csi_name<'a>(value: &'a str, field: &str) -> Result<&'a str, crate::error::ControllerError> {
+    required(value, field)?;
+    if value.len() > MAX_STRING_BYTES || value.contains('\0') {
+        return Err(crate::error::ControllerError::InvalidArgument(format!(
+            "{field} must be at most {MAX_STRING_BYTES} bytes without NUL (got {} bytes)",
+            value.len()
+        )));
+    }
+    Ok(value)
+}
+
+/// Checks that a string map from the CO stays within the spec's size limit.
+pub fn bounded_map(
+    map: &std::collections::HashMap<String, String>,
+    field: &str,
+) -> Result<(), crate::error::ControllerError> {
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_MAP_BYTES {
+        return Err(crate::error::ControllerError::InvalidArgument(format!(
+            "{field} holds {bytes} bytes; at most {MAX_MAP_BYTES} are accepted"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a required string field.

@@ -19,6 +19,14 @@ pub enum InfraError {
         namespace: String,
         name: String,
     },
+    /// An object sits under the name but was not made by this driver for this tenant (for
+    /// instance a claim CDI did not create for our DataVolume); we refuse to act on it.
+    #[error("{kind} {namespace}/{name} exists but was not created by this driver for this tenant")]
+    NotOurs {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
     /// Someone else changed the object first, or KubeVirt refused a duplicate hotplug.
     #[error("conflict on {kind} {name}: {message}")]
     Conflict {
@@ -81,6 +89,14 @@ impl InfraError {
                     } else {
                         ""
                     },
+                    message: s.message,
+                },
+                // A failed JSON-patch `test` op (ours, or virt-api's own under concurrent
+                // hotplugs) is 422 "Testing value … failed": the object moved, so re-read and
+                // retry, as for any other conflict.
+                422 if s.message.contains("Testing value") => InfraError::Conflict {
+                    kind,
+                    name: name.to_string(),
                     message: s.message,
                 },
                 400 | 422 => InfraError::Rejected {
@@ -151,6 +167,7 @@ impl ControllerError {
             ControllerError::InProgress(_) => Code::Aborted,
             ControllerError::Infra { source, .. } => match source {
                 InfraError::NotFound { .. } => Code::NotFound,
+                InfraError::NotOurs { .. } => Code::FailedPrecondition,
                 InfraError::Conflict { .. } => Code::Aborted,
                 InfraError::Forbidden { .. } => Code::FailedPrecondition,
                 InfraError::Rejected { .. } => Code::FailedPrecondition,
@@ -204,6 +221,35 @@ mod tests {
             };
             assert_eq!(err.code(), want, "HTTP {http}");
         }
+    }
+
+    #[test]
+    fn failed_patch_tests_are_conflicts_other_422s_rejections() {
+        let status = |msg: &str| {
+            kube::Error::Api(
+                kube::core::Status::failure(msg, "Invalid")
+                    .with_code(422)
+                    .boxed(),
+            )
+        };
+        assert!(matches!(
+            InfraError::from_kube(
+                "VirtualMachine",
+                "ns",
+                "w",
+                status("Testing value /metadata/uid failed")
+            ),
+            InfraError::Conflict { .. }
+        ));
+        assert!(matches!(
+            InfraError::from_kube(
+                "VirtualMachine",
+                "ns",
+                "w",
+                status("spec.template.spec.domain.devices.disks[1].disk.bus: Unsupported value")
+            ),
+            InfraError::Rejected { .. }
+        ));
     }
 
     #[test]

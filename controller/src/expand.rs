@@ -57,9 +57,19 @@ impl Driver {
             )));
         }
         if current < wanted {
+            let claim = self
+                .infra
+                .claim_of(&dv)
+                .await
+                .map_err(ControllerError::infra(format!("reading volume {id}")))?
+                .ok_or_else(|| {
+                    ControllerError::FailedPrecondition(format!(
+                        "volume {id} has no infra claim yet, so it cannot be grown; retry once it is provisioned"
+                    ))
+                })?;
             info!(from = current, to = wanted, "growing infra claim");
             self.infra
-                .request_claim_size(id, wanted)
+                .request_claim_size(&claim, wanted)
                 .await
                 .map_err(ControllerError::infra(format!(
                     "growing the claim of volume {id}"

@@ -78,6 +78,27 @@ pub fn disk_serial(volume_id: &str) -> String {
     s
 }
 
+/// Whether `name` has the shape of a name [`infra_name`] makes with this prefix: a DNS-1123
+/// label that starts with the prefix and ends in the 10-character hash. Ids from the CO are
+/// checked against this before they reach a URL, so `x?y`, `x/status`, `..` or a 64 KiB
+/// string never becomes a request path or a field selector.
+pub fn has_infra_shape(prefix: &str, name: &str) -> bool {
+    let prefix = prefix.trim_start_matches('-');
+    if !is_dns_label(name) || !name.starts_with(prefix) || name.len() < HASH_CHARS {
+        return false;
+    }
+    let (head, hash) = name.split_at(name.len() - HASH_CHARS);
+    hash.bytes()
+        .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+        && (head.is_empty() || head.ends_with('-'))
+}
+
+/// Whether `name` is exactly the name [`infra_name`] derives from `csi_name`: the marker
+/// that an infra object was made by this driver for that CSI name, and not merely labelled.
+pub fn is_infra_name_of(prefix: &str, csi_name: &str, name: &str) -> bool {
+    infra_name(prefix, csi_name) == name
+}
+
 /// Whether `s` is a DNS-1123 label (what Kubernetes accepts as a namespace or VM name).
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
@@ -143,6 +164,37 @@ mod tests {
         assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
         assert_eq!(a, disk_serial("kvcsi-pvc-1-abcdefghij"));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn only_derived_names_have_the_shape() {
+        for csi in ["pvc-1", "", "Volume With Spaces", &"z".repeat(128)] {
+            let n = infra_name("kvcsi-", csi);
+            assert!(has_infra_shape("kvcsi-", &n), "{n}");
+            assert!(is_infra_name_of("kvcsi-", csi, &n));
+            assert!(!is_infra_name_of("kvcsi-", "other", &n));
+            assert!(has_infra_shape("", &infra_name("", csi)));
+        }
+        let real = infra_name("kvcsi-", "pvc-1");
+        for alias in [
+            format!("{real}?x"),
+            format!("{real}#x"),
+            format!("{real}/status"),
+            format!("{real} "),
+            format!("{real}-"),
+            format!("x{real}"),
+            "kvcsi-pvc-1".into(),
+            "rootdisk".into(),
+            ".".into(),
+            "..".into(),
+            "%2e%2e".into(),
+            "kvcsi-abcdefghi1".into(),
+            "a".repeat(65536),
+            String::new(),
+        ] {
+            assert!(!has_infra_shape("kvcsi-", &alias), "{alias:.80}");
+        }
+        assert!(!has_infra_shape("other-", &real));
     }
 
     #[test]

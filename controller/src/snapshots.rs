@@ -8,7 +8,7 @@ use kube::core::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use tracing::{info, instrument};
 
-use crate::driver::{ANN_CSI_NAME, Driver, required};
+use crate::driver::{ANN_CSI_NAME, Driver, bounded_map, csi_name, required};
 use crate::error::{ControllerError, InfraError};
 use crate::infra::types::{
     VolumeSnapshot, VolumeSnapshotSource, VolumeSnapshotSpec, volume_snapshot_resource,
@@ -58,7 +58,8 @@ impl Driver {
         &self,
         req: csi::CreateSnapshotRequest,
     ) -> Result<csi::CreateSnapshotResponse, ControllerError> {
-        required(&req.name, "name")?;
+        csi_name(&req.name, "name")?;
+        bounded_map(&req.parameters, "parameters")?;
         let volume = required(&req.source_volume_id, "source_volume_id")?;
         let name = names::infra_name(&self.settings.volume_prefix, &req.name);
         let _guard = self.locks.try_lock(&name)?;
@@ -92,6 +93,19 @@ impl Driver {
                     .ok_or_else(|| {
                         ControllerError::NotFound(format!("source volume {volume} does not exist"))
                     })?;
+                // The snapshot source is the claim by name: it must be the one CDI made for
+                // our DataVolume, never a foreign claim under that name.
+                if self
+                    .infra
+                    .claim_of(&dv)
+                    .await
+                    .map_err(ControllerError::infra(format!("reading volume {volume}")))?
+                    .is_none()
+                {
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "volume {volume} has no infra claim yet; it can be snapshotted once it is provisioned"
+                    )));
+                }
                 let storage_class = dv
                     .spec
                     .storage
@@ -125,7 +139,18 @@ impl Driver {
                 info!(snapshot = %name, "creating infra volumesnapshot");
                 match self.infra.create_snapshot(&vs).await {
                     Ok(vs) => vs,
-                    Err(InfraError::Conflict { .. }) => vs,
+                    // A retry of ourselves wins the race; anything else under the name is
+                    // not ours to report as this snapshot.
+                    Err(InfraError::Conflict { .. }) => self
+                        .infra
+                        .snapshot(&name)
+                        .await
+                        .map_err(ControllerError::infra(format!("looking up snapshot {name}")))?
+                        .ok_or_else(|| {
+                            ControllerError::AlreadyExists(format!(
+                                "an infra VolumeSnapshot named {name} exists but was not created by this driver for this tenant"
+                            ))
+                        })?,
                     Err(e) => {
                         return Err(ControllerError::infra(format!("creating snapshot {name}"))(
                             e,
@@ -135,15 +160,16 @@ impl Driver {
             }
         };
         let what = format!("snapshot {name} to be ready");
+        let tenant = self.infra.tenant().clone();
         let ready = wait_for(
             self.infra.snapshots.clone(),
             &name,
             &what,
             self.settings.timeouts.snapshot,
             |vs: Option<&VolumeSnapshot>| {
-                let Some(vs) = vs else {
+                let Some(vs) = vs.filter(|v| tenant.owns_created(*v)) else {
                     return Progress::Failed(format!(
-                        "snapshot {name} was deleted while it was being taken"
+                        "snapshot {name} was deleted (or replaced) while it was being taken"
                     ));
                 };
                 let status = vs.status.as_ref();

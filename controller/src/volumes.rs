@@ -10,7 +10,9 @@ use kube::core::ObjectMeta;
 use tracing::{info, instrument};
 
 use crate::capability::{self, Shape};
-use crate::driver::{ANN_ATTACHED_TO, ANN_BUS, ANN_CDI_KEEP, ANN_CSI_NAME, Driver, required};
+use crate::driver::{
+    ANN_ATTACHED_TO, ANN_BUS, ANN_CDI_KEEP, ANN_CSI_NAME, Driver, bounded_map, csi_name, required,
+};
 use crate::error::{ControllerError, InfraError};
 use crate::infra::types::{
     DataVolume, DataVolumeSource, DataVolumeSpec, Empty, NamespacedName, Resources, StorageSpec,
@@ -23,6 +25,8 @@ use crate::quantity::{self, GIB, MIB};
 
 /// Size of a volume whose request gives no capacity.
 const DEFAULT_SIZE: u64 = GIB;
+/// The largest whole-MiB size that fits the i64 capacity fields of CSI.
+const MAX_SIZE: u64 = (i64::MAX as u64) / MIB * MIB;
 
 /// The bytes to request for a capacity range: the required size rounded up to MiB (what
 /// block storage allocates in), within the limit.
@@ -46,7 +50,14 @@ pub fn size_for(range: Option<&csi::CapacityRange>) -> Result<u64, ControllerErr
     } else {
         DEFAULT_SIZE
     };
+    // Rounding i64::MAX up to a MiB leaves i64 (and the capacity we would report would turn
+    // negative): the largest size we can provision is the last whole MiB below i64::MAX.
     let rounded = wanted.div_ceil(MIB) * MIB;
+    if rounded > MAX_SIZE {
+        return Err(ControllerError::OutOfRange(format!(
+            "required_bytes {required} is larger than any volume this driver can report ({MAX_SIZE} bytes)"
+        )));
+    }
     if limit > 0 && rounded > limit {
         if limit / MIB * MIB >= wanted {
             return Ok(limit / MIB * MIB);
@@ -102,13 +113,14 @@ pub fn bus_of(dv: &DataVolume, default: Bus) -> Bus {
         .unwrap_or(default)
 }
 
-/// VM names recorded as having this volume published.
+/// VM names recorded as having this volume published (anything that is not a VM name is
+/// dropped: the annotation is read back from the cluster and its names go into URLs).
 pub fn attached_to(dv: &DataVolume) -> Vec<String> {
     dv.annotations()
         .get(ANN_ATTACHED_TO)
         .map(|s| {
             s.split(',')
-                .filter(|n| !n.is_empty())
+                .filter(|n| names::is_dns_label(n))
                 .map(str::to_string)
                 .collect()
         })
@@ -146,7 +158,9 @@ impl Driver {
         &self,
         req: csi::CreateVolumeRequest,
     ) -> Result<csi::CreateVolumeResponse, ControllerError> {
-        required(&req.name, "name")?;
+        csi_name(&req.name, "name")?;
+        bounded_map(&req.parameters, "parameters")?;
+        bounded_map(&req.mutable_parameters, "mutable_parameters")?;
         let shape: Shape = capability::shape(&req.volume_capabilities)?;
         let params = StorageClassParams::parse(&req.parameters)
             .map_err(|e| ControllerError::InvalidArgument(e.to_string()))?;
@@ -195,24 +209,17 @@ impl Driver {
                 existing
             }
             None => {
-                if self
-                    .infra
-                    .data_volume_exists_unowned(&dv_name)
-                    .await
-                    .map_err(ControllerError::infra(format!(
-                        "looking up datavolume {dv_name}"
-                    )))?
-                {
-                    return Err(ControllerError::AlreadyExists(format!(
-                        "an infra datavolume named {dv_name} exists but does not belong to this tenant"
-                    )));
-                }
+                self.refuse_foreign_name(&dv_name).await?;
                 let dv = self.data_volume_object(&dv_name, &req.name, &want, bus);
                 info!(datavolume = %dv_name, size, mode = shape.volume_mode(), "creating infra datavolume");
                 match self.infra.create_data_volume(&dv).await {
                     Ok(dv) => dv,
-                    // Lost a race with a retry of ourselves: fall through to the wait.
-                    Err(InfraError::Conflict { .. }) => dv,
+                    // Lost a race: a retry of ourselves, or someone else's object. Only
+                    // ours may be waited on.
+                    Err(InfraError::Conflict { .. }) => {
+                        self.refuse_foreign_name(&dv_name).await?;
+                        dv
+                    }
                     Err(e) => {
                         return Err(ControllerError::infra(format!(
                             "creating datavolume {dv_name}"
@@ -240,6 +247,26 @@ impl Driver {
                 accessible_topology: vec![],
             }),
         })
+    }
+
+    /// ALREADY_EXISTS when a DataVolume or claim that is not ours holds the name: CDI would
+    /// adopt (or trip over) a claim already there, and we would then serve a foreign claim as
+    /// this tenant's volume.
+    async fn refuse_foreign_name(&self, dv_name: &str) -> Result<(), ControllerError> {
+        let taken =
+            self.infra
+                .name_taken_by_foreign(dv_name)
+                .await
+                .map_err(ControllerError::infra(format!(
+                    "looking up infra objects named {dv_name}"
+                )))?;
+        match taken {
+            Some(kind) => Err(ControllerError::AlreadyExists(format!(
+                "an infra {kind} named {dv_name} exists in {} but was not created by this driver for this tenant; remove it or use another volume name",
+                self.infra.namespace()
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn data_volume_object(
@@ -296,6 +323,8 @@ impl Driver {
             }),
             Some(SourceType::Volume(VolumeSource { volume_id })) => {
                 required(volume_id, "volume_content_source.volume.volume_id")?;
+                // A source that is not ours is NOT_FOUND; one whose claim is not CDI's for
+                // it is FAILED_PRECONDITION (capacity_of fails), before CDI copies a byte.
                 let src = self
                     .infra
                     .data_volume(volume_id)
@@ -363,9 +392,11 @@ impl Driver {
         }
     }
 
-    /// Waits on a watch until CDI reports the DataVolume Succeeded.
+    /// Waits on a watch until CDI reports the DataVolume Succeeded. An object under the name
+    /// that is not ours ends the wait: it is never treated as our volume.
     async fn wait_provisioned(&self, name: &str) -> Result<Option<DataVolume>, ControllerError> {
         let what = format!("datavolume {name} to be provisioned");
+        let tenant = self.infra.tenant().clone();
         wait_for(
             self.infra.dvs.clone(),
             name,
@@ -377,6 +408,9 @@ impl Driver {
             {
                 _ if dv.is_none() => Progress::Failed(format!(
                     "datavolume {name} was deleted while it was being provisioned"
+                )),
+                _ if !dv.is_some_and(|d| tenant.owns_created(d)) => Progress::Failed(format!(
+                    "datavolume {name} was replaced by one this driver did not create"
                 )),
                 Some("Succeeded") => Progress::Done,
                 Some("Failed") => Progress::Failed(format!("CDI reports datavolume {name} failed")),
@@ -575,7 +609,16 @@ impl Driver {
     > {
         let id = dv.name_any();
         let ctx = || ControllerError::infra(format!("reading volume {id}"));
-        let claim = self.infra.claim_of(dv).await.map_err(ctx())?;
+        let mut problems = Vec::new();
+        let claim = match self.infra.claim_of(dv).await {
+            Ok(c) => c,
+            // Reported on this volume, not failing the whole listing.
+            Err(e @ InfraError::NotOurs { .. }) => {
+                problems.push(e.to_string());
+                None
+            }
+            Err(e) => return Err(ctx()(e)),
+        };
         let capacity = claim
             .as_ref()
             .and_then(|c| c.status.as_ref())
@@ -583,7 +626,6 @@ impl Driver {
             .and_then(|c| c.get("storage").and_then(quantity::bytes))
             .or(recorded(dv).size)
             .unwrap_or(0);
-        let mut problems = Vec::new();
         let dv_phase = dv.status.as_ref().and_then(|s| s.phase.as_deref());
         if dv_phase == Some("Failed") {
             problems.push(format!("CDI reports datavolume {id} failed"));
@@ -594,7 +636,7 @@ impl Driver {
             .and_then(|s| s.phase.as_deref())
         {
             Some("Lost") => problems.push(format!("infra claim {id} lost its persistent volume")),
-            None if dv_phase == Some("Succeeded") => {
+            None if dv_phase == Some("Succeeded") && problems.is_empty() => {
                 problems.push(format!("infra claim {id} is missing"))
             }
             _ => {}
@@ -701,6 +743,17 @@ mod tests {
         assert_eq!(
             size_for(Some(&range(-1, 0))).unwrap_err().code(),
             tonic::Code::InvalidArgument
+        );
+        for huge in [i64::MAX, i64::MAX - 1, MAX_SIZE as i64 + 1] {
+            assert_eq!(
+                size_for(Some(&range(huge, 0))).unwrap_err().code(),
+                tonic::Code::OutOfRange,
+                "{huge}"
+            );
+        }
+        assert_eq!(
+            size_for(Some(&range(MAX_SIZE as i64, 0))).unwrap(),
+            MAX_SIZE
         );
     }
 }

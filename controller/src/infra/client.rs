@@ -14,6 +14,7 @@ use super::types::{
     VolumeSnapshot, data_volume_resource, vm_resource, vmi_resource, volume_snapshot_resource,
 };
 use crate::error::InfraError;
+use crate::names;
 
 /// Where a hotplug request goes: the VM (persists across restarts) or only the VMI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +53,12 @@ impl std::fmt::Debug for Infra {
 }
 
 impl Infra {
+    /// The same infra view with the tenant's object-name prefix (part of the ownership rule).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.tenant = self.tenant.with_prefix(prefix);
+        self
+    }
+
     pub fn new(client: kube::Client, tenant: Tenant) -> Self {
         let ns = tenant.namespace.as_str();
         Self {
@@ -78,28 +85,36 @@ impl Infra {
         move |e| InfraError::from_kube(kind, &ns, &name, e)
     }
 
-    /// Gets an object, treating a foreign one as absent.
+    /// Gets an object, treating one that fails `ours` as absent. The object read back must
+    /// carry exactly the name asked for, whatever the server made of the path.
     async fn get_owned<K>(
         &self,
         api: &Api<K>,
         kind: &'static str,
         name: &str,
+        ours: impl Fn(&Tenant, &K) -> bool,
     ) -> Result<Option<K>, InfraError>
     where
         K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
     {
         let obj = api.get_opt(name).await.map_err(self.err(kind, name))?;
         Ok(obj.filter(|o| {
-            let ours = self.tenant.owns(o);
-            if !ours {
-                tracing::warn!(kind, %name, "infra object exists but lacks this tenant's labels; treating it as absent");
+            let ok = o.meta().name.as_deref() == Some(name) && ours(&self.tenant, o);
+            if !ok {
+                tracing::warn!(kind, %name, "infra object exists but is not this tenant's driver's; treating it as absent");
             }
-            ours
+            ok
         }))
     }
 
-    /// Lists the tenant's objects of one kind (label-selected server-side, checked again here).
-    async fn list_owned<K>(&self, api: &Api<K>, kind: &'static str) -> Result<Vec<K>, InfraError>
+    /// Lists the tenant's objects of one kind (label-selected server-side, checked again here
+    /// with `ours`).
+    async fn list_owned<K>(
+        &self,
+        api: &Api<K>,
+        kind: &'static str,
+        ours: impl Fn(&Tenant, &K) -> bool,
+    ) -> Result<Vec<K>, InfraError>
     where
         K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
     {
@@ -108,7 +123,7 @@ impl Infra {
         Ok(list
             .items
             .into_iter()
-            .filter(|o| self.tenant.owns(o))
+            .filter(|o| ours(&self.tenant, o))
             .collect())
     }
 
@@ -121,22 +136,41 @@ impl Infra {
         }
     }
 
+    /// One of our DataVolumes by volume id; `None` for an id we could not have made (no
+    /// request is sent), an absent object, or a foreign one.
     pub async fn data_volume(&self, name: &str) -> Result<Option<DataVolume>, InfraError> {
-        self.get_owned(&self.dvs, "DataVolume", name).await
+        if !self.tenant.is_our_id(name) {
+            return Ok(None);
+        }
+        self.get_owned(&self.dvs, "DataVolume", name, Tenant::owns_created)
+            .await
     }
 
-    /// Whether a DataVolume of that name exists at all, ours or not (for name clashes).
-    pub async fn data_volume_exists_unowned(&self, name: &str) -> Result<bool, InfraError> {
-        Ok(self
+    /// Whether `name` is held by a DataVolume or claim that is not ours (for name clashes on
+    /// create: CDI would adopt, or fail on, a claim already under that name).
+    pub async fn name_taken_by_foreign(
+        &self,
+        name: &str,
+    ) -> Result<Option<&'static str>, InfraError> {
+        let dv = self
             .dvs
             .get_opt(name)
             .await
-            .map_err(self.err("DataVolume", name))?
-            .is_some_and(|o| !self.tenant.owns(&o)))
+            .map_err(self.err("DataVolume", name))?;
+        if let Some(dv) = dv {
+            return Ok((!self.tenant.owns_created(&dv)).then_some("DataVolume"));
+        }
+        let pvc = self
+            .pvcs
+            .get_opt(name)
+            .await
+            .map_err(self.err("PersistentVolumeClaim", name))?;
+        Ok(pvc.map(|_| "PersistentVolumeClaim"))
     }
 
     pub async fn data_volumes(&self) -> Result<Vec<DataVolume>, InfraError> {
-        self.list_owned(&self.dvs, "DataVolume").await
+        self.list_owned(&self.dvs, "DataVolume", Tenant::owns_created)
+            .await
     }
 
     pub async fn create_data_volume(&self, dv: &DataVolume) -> Result<DataVolume, InfraError> {
@@ -164,78 +198,119 @@ impl Infra {
         }
     }
 
-    /// The PVC behind a DataVolume, if CDI made it for one of our DataVolumes.
+    /// The claim CDI made for one of our DataVolumes: `None` while it does not exist yet,
+    /// [`InfraError::NotOurs`] if a claim we did not get from CDI sits under the name (it must
+    /// never be hotplugged, resized, cloned or snapshotted as if it were the volume).
     pub async fn claim_of(
         &self,
         dv: &DataVolume,
     ) -> Result<Option<PersistentVolumeClaim>, InfraError> {
         let name = dv.name_any();
-        let pvc = self
+        match self
             .pvcs
             .get_opt(&name)
             .await
-            .map_err(self.err("PersistentVolumeClaim", &name))?;
-        Ok(pvc.filter(|p| {
-            self.tenant.owns(p)
-                || p.owner_references()
-                    .iter()
-                    .any(|o| o.kind == "DataVolume" && Some(&o.uid) == dv.uid().as_ref())
-        }))
+            .map_err(self.err("PersistentVolumeClaim", &name))?
+        {
+            None => Ok(None),
+            Some(pvc) if self.tenant.owns_claim(&pvc, dv) => Ok(Some(pvc)),
+            Some(_) => Err(InfraError::NotOurs {
+                kind: "PersistentVolumeClaim",
+                namespace: self.tenant.namespace.clone(),
+                name,
+            }),
+        }
     }
 
-    /// Raises the PVC's storage request (CDI does not resize through the DataVolume).
-    pub async fn request_claim_size(&self, name: &str, bytes: u64) -> Result<(), InfraError> {
-        let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": bytes.to_string()}}}});
+    /// Raises the claim's storage request (CDI does not resize through the DataVolume). The
+    /// patch carries the UID and resourceVersion we read, so it lands only on that claim in
+    /// that state: a claim replaced or changed since is a conflict, not a silent write.
+    pub async fn request_claim_size(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        bytes: u64,
+    ) -> Result<(), InfraError> {
+        let name = pvc.name_any();
+        let patch = serde_json::json!({
+            "metadata": {"uid": pvc.uid(), "resourceVersion": pvc.resource_version()},
+            "spec": {"resources": {"requests": {"storage": bytes.to_string()}}}
+        });
         self.pvcs
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(|_| ())
-            .map_err(self.err("PersistentVolumeClaim", name))
+            .map_err(self.err("PersistentVolumeClaim", &name))
     }
 
-    /// Applies a JSON patch to a VM (declarative hotplug edits its spec this way).
+    /// Applies a JSON patch to a VM (declarative hotplug edits its spec this way). A leading
+    /// `test` of the UID we read makes the patch fail on a VM recreated under the same name.
     pub async fn patch_vm_json(
         &self,
-        name: &str,
-        ops: serde_json::Value,
+        vm: &VirtualMachine,
+        ops: Vec<serde_json::Value>,
     ) -> Result<(), InfraError> {
-        let patch: json_patch::Patch =
-            serde_json::from_value(ops).map_err(|e| InfraError::Rejected {
+        let name = vm.name_any();
+        let mut all =
+            vec![serde_json::json!({"op": "test", "path": "/metadata/uid", "value": vm.uid()})];
+        all.extend(ops);
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(all))
+            .map_err(|e| InfraError::Rejected {
                 kind: "VirtualMachine",
-                name: name.to_string(),
+                name: name.clone(),
                 message: format!("invalid json patch: {e}"),
             })?;
         self.vms
-            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
             .await
             .map(|_| ())
-            .map_err(self.err("VirtualMachine", name))
+            .map_err(self.err("VirtualMachine", &name))
     }
 
+    /// A worker VM by name; `None` for a name that is not a DNS-1123 label (no request is
+    /// sent), an absent VM, or one without the tenant's labels.
     pub async fn vm(&self, name: &str) -> Result<Option<VirtualMachine>, InfraError> {
-        self.get_owned(&self.vms, "VirtualMachine", name).await
+        if !names::is_dns_label(name) {
+            return Ok(None);
+        }
+        self.get_owned(&self.vms, "VirtualMachine", name, Tenant::owns)
+            .await
     }
 
     pub async fn vmi(&self, name: &str) -> Result<Option<VirtualMachineInstance>, InfraError> {
-        self.get_owned(&self.vmis, "VirtualMachineInstance", name)
+        if !names::is_dns_label(name) {
+            return Ok(None);
+        }
+        self.get_owned(&self.vmis, "VirtualMachineInstance", name, Tenant::owns)
             .await
     }
 
     pub async fn vms_list(&self) -> Result<Vec<VirtualMachine>, InfraError> {
-        self.list_owned(&self.vms, "VirtualMachine").await
-    }
-
-    pub async fn vmis_list(&self) -> Result<Vec<VirtualMachineInstance>, InfraError> {
-        self.list_owned(&self.vmis, "VirtualMachineInstance").await
-    }
-
-    pub async fn snapshot(&self, name: &str) -> Result<Option<VolumeSnapshot>, InfraError> {
-        self.get_owned(&self.snapshots, "VolumeSnapshot", name)
+        self.list_owned(&self.vms, "VirtualMachine", Tenant::owns)
             .await
     }
 
+    pub async fn vmis_list(&self) -> Result<Vec<VirtualMachineInstance>, InfraError> {
+        self.list_owned(&self.vmis, "VirtualMachineInstance", Tenant::owns)
+            .await
+    }
+
+    /// One of our VolumeSnapshots by snapshot id (same rules as [`Self::data_volume`]).
+    pub async fn snapshot(&self, name: &str) -> Result<Option<VolumeSnapshot>, InfraError> {
+        if !self.tenant.is_our_id(name) {
+            return Ok(None);
+        }
+        self.get_owned(
+            &self.snapshots,
+            "VolumeSnapshot",
+            name,
+            Tenant::owns_created,
+        )
+        .await
+    }
+
     pub async fn snapshots_list(&self) -> Result<Vec<VolumeSnapshot>, InfraError> {
-        self.list_owned(&self.snapshots, "VolumeSnapshot").await
+        self.list_owned(&self.snapshots, "VolumeSnapshot", Tenant::owns_created)
+            .await
     }
 
     pub async fn create_snapshot(&self, vs: &VolumeSnapshot) -> Result<VolumeSnapshot, InfraError> {
@@ -293,6 +368,14 @@ impl Infra {
             HotplugTarget::Vm => "VirtualMachine",
             HotplugTarget::Vmi => "VirtualMachineInstance",
         };
+        // Callers pass names they validated; this keeps any other string out of the path.
+        if !names::is_dns_label(name) {
+            return Err(InfraError::Rejected {
+                kind,
+                name: name.to_string(),
+                message: "not a DNS-1123 label".into(),
+            });
+        }
         let path = format!(
             "/apis/subresources.kubevirt.io/v1/namespaces/{}/{}/{}/{}",
             self.tenant.namespace,
