@@ -41,6 +41,12 @@ pub enum CsiError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("cannot render, apply or enforce {what}")]
+    InfraManifests {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A gRPC channel to a plugin on a unix socket.
@@ -134,6 +140,195 @@ pub async fn controller_token(client: &kube::Client, namespace: &str) -> Result<
         .await
         .map_err(|e| rbac(format!("a token for {namespace}/{sa_name}"))(e.into()))?;
     Ok(issued.status.map(|s| s.token).unwrap_or_default())
+}
+
+/// The admission policy and binding of one tenant, named after its infra namespace by
+/// `deploy/infra/tenant-names` (both objects carry this name).
+pub fn admission_policy_name(namespace: &str) -> String {
+    format!("kubevirt-csi-controller.{namespace}")
+}
+
+/// Renders `deploy/infra` with the pinned kubectl as its overlays do: a kustomization in a
+/// scratch directory that sets `namespace`, lists `deploy/infra/tenant-names` as transformer
+/// and sets the ServiceAccount's tenant-labels annotation to `tenant_labels` (`k=v`). Returns
+/// the rendered objects, so tests apply exactly what an overlay would.
+pub fn render_infra(
+    kubectl: &Path,
+    namespace: &str,
+    tenant_labels: &[String],
+) -> Result<Vec<serde_json::Value>, CsiError> {
+    let failed = |what: String| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| CsiError::InfraManifests {
+            what,
+            source: e,
+        }
+    };
+    let dir = ScratchDir::new("infra-overlay")?;
+    // kustomize takes only relative paths to other kustomizations: climb from the scratch
+    // directory to `/` and descend to deploy/infra.
+    let infra_abs = std::fs::canonicalize(repo_root().join("deploy/infra"))
+        .map_err(|e| failed("deploy/infra".into())(e.into()))?;
+    let scratch = std::fs::canonicalize(dir.path())
+        .map_err(|e| failed("the scratch overlay directory".into())(e.into()))?;
+    let up = scratch.components().count().saturating_sub(1);
+    let infra =
+        Path::new(&"../".repeat(up)).join(infra_abs.strip_prefix("/").unwrap_or(&infra_abs));
+    let patch = serde_json::json!([{
+        "op": "replace",
+        "path": "/metadata/annotations/csi.kubevirt.io~1tenant-labels",
+        "value": tenant_labels.join(","),
+    }]);
+    // JSON is YAML: no quoting to get wrong.
+    let kustomization = serde_json::json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": namespace,
+        "resources": [infra.display().to_string()],
+        "transformers": [infra.join("tenant-names").display().to_string()],
+        "patches": [{
+            "target": {"kind": "ServiceAccount", "name": "kubevirt-csi-controller"},
+            "patch": patch.to_string(),
+        }],
+    });
+    let file = dir.path().join("kustomization.yaml");
+    std::fs::write(&file, kustomization.to_string()).map_err(|source| CsiError::Write {
+        path: file.clone(),
+        source,
+    })?;
+    let out = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .map_err(|e| failed(format!("kubectl kustomize ({})", kubectl.display()))(e.into()))?;
+    if !out.status.success() {
+        return Err(failed("deploy/infra rendered by kubectl kustomize".into())(
+            String::from_utf8_lossy(&out.stderr).into_owned().into(),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut objects = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+            .map_err(|e| failed("the rendered deploy/infra".into())(e.into()))?;
+        if !v.is_null() {
+            objects.push(v);
+        }
+    }
+    Ok(objects)
+}
+
+/// Server-side applies rendered objects as `field_manager`, each at the scope discovery
+/// reports for its kind (kustomize sets a namespace on every kind it does not know to be
+/// cluster-scoped, such as the admission policy; the apiserver would drop it, we do too).
+pub async fn apply_rendered(
+    client: &kube::Client,
+    objects: &[serde_json::Value],
+    field_manager: &str,
+) -> Result<(), CsiError> {
+    let failed = |what: String| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| CsiError::InfraManifests {
+            what,
+            source: e,
+        }
+    };
+    let pp = PatchParams::apply(field_manager).force();
+    for obj in objects {
+        let kind = obj["kind"].as_str().unwrap_or_default();
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        let what = format!("{kind} {name}");
+        let (group, version) = match obj["apiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .split_once('/')
+        {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (
+                String::new(),
+                obj["apiVersion"].as_str().unwrap_or_default().to_string(),
+            ),
+        };
+        let gvk = kube::core::GroupVersionKind::gvk(&group, &version, kind);
+        let (ar, caps) = kube::discovery::pinned_kind(client, &gvk)
+            .await
+            .map_err(|e| failed(format!("the API of {what}"))(e.into()))?;
+        let mut dynamic: kube::api::DynamicObject =
+            serde_json::from_value(obj.clone()).map_err(|e| failed(what.clone())(e.into()))?;
+        let api: Api<kube::api::DynamicObject> = match caps.scope {
+            kube::discovery::Scope::Namespaced => {
+                let ns = dynamic.metadata.namespace.clone().unwrap_or_default();
+                Api::namespaced_with(client.clone(), &ns, &ar)
+            }
+            kube::discovery::Scope::Cluster => {
+                dynamic.metadata.namespace = None;
+                Api::all_with(client.clone(), &ar)
+            }
+        };
+        api.patch(name, &pp, &Patch::Apply(&dynamic))
+            .await
+            .map_err(|e| failed(what.clone())(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Applies the whole rendered `deploy/infra` (Role, ServiceAccount with the tenant labels,
+/// RoleBinding, admission policy and binding) for `namespace`, then waits until the policy
+/// is enforced: until a forged write with the controller's `kubeconfig` (a server-side dry
+/// run creating an unlabelled DataVolume) is refused by it. Policies and their parameters
+/// reach the apiserver's admission through informers, so there is a short window after
+/// the apply in which nothing is enforced yet; tests must not start in it. The CDI CRDs
+/// must be installed.
+pub async fn enforce_admission_policy(
+    client: &kube::Client,
+    controller: &kube::Client,
+    namespace: &str,
+    tenant_labels: &[String],
+) -> Result<(), CsiError> {
+    let kubectl = crate::tools::Tools::locate()?.kubectl;
+    let objects = render_infra(&kubectl, namespace, tenant_labels)?;
+    apply_rendered(client, &objects, "kvcsi-harness-infra").await?;
+
+    let dvs: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        controller.clone(),
+        namespace,
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("cdi.kubevirt.io", "v1beta1", "DataVolume"),
+            "datavolumes",
+        ),
+    );
+    let probe: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+        "metadata": {"name": "kvcsi-admission-probe", "annotations": {"csi.kubevirt.io/csi-name": "probe"}},
+        "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Mi"}}}}
+    }))
+    .map_err(|e| CsiError::InfraManifests {
+        what: "the admission probe".into(),
+        source: e.into(),
+    })?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let policy = admission_policy_name(namespace);
+    // The label rule's message: a refusal for any other reason (the parameter informer not
+    // yet synced, which fails closed for everyone) does not mean the policy is in force.
+    let refused = |e: &kube::Error| {
+        matches!(e, kube::Error::Api(s)
+            if s.message.contains(&format!("ValidatingAdmissionPolicy '{policy}'"))
+                && s.message.contains("must carry the tenant labels"))
+    };
+    let mut last = String::from("no attempt");
+    for _ in 0..300 {
+        match dvs.create(&dry_run, &probe).await {
+            Err(e) if refused(&e) => return Ok(()),
+            Ok(_) => last = "the unlabelled probe DataVolume was admitted".into(),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(CsiError::InfraManifests {
+        what: format!("admission policy {policy} (never enforced)"),
+        source: last.into(),
+    })
 }
 
 /// How to start the controller plugin.

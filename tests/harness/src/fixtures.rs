@@ -12,7 +12,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::wait::await_condition;
 
 use crate::cluster::{ClusterError, ControlPlane};
-use crate::csi::{CsiError, controller_token};
+use crate::csi::{CsiError, controller_token, enforce_admission_policy};
 
 /// Annotation telling the stand-in which QMP socket attaches disks to this VMI.
 pub const QMP_SOCKET_ANNOTATION: &str = "standin.kubevirt-csi.io/qmp-socket";
@@ -82,7 +82,8 @@ pub async fn infra_storage_classes(client: &kube::Client) -> Result<(), FixtureE
 }
 
 /// One tenant on the infra cluster: its namespace, labels, and the kubeconfig its
-/// controller uses (a user bound only to `deploy/infra/role.yaml`).
+/// controller uses (a user bound only to `deploy/infra/role.yaml`, and held by
+/// `deploy/infra/admission-policy.yaml`).
 #[derive(Clone, Debug)]
 pub struct TenantFixture {
     pub namespace: String,
@@ -100,7 +101,9 @@ impl TenantFixture {
     }
 }
 
-/// Creates the tenant's namespace and a controller identity bound to the shipped Role.
+/// Creates the tenant's namespace and a controller identity bound to the shipped Role and
+/// held by the shipped admission policy (the whole of `deploy/infra`, rendered as the
+/// overlays render it, with the tenant's labels). The CDI CRDs must be installed.
 /// `server` overrides the apiserver URL in the kubeconfig (e.g. a cuttable proxy).
 pub async fn tenant(
     cp: &ControlPlane,
@@ -124,19 +127,24 @@ pub async fn tenant(
             source,
         })?;
     let token = controller_token(&client, namespace).await?;
-    let controller_kubeconfig = cp.kubeconfig_with_token_server(
-        server.unwrap_or(cp.url()),
-        &format!("system:serviceaccount:{namespace}:kubevirt-csi-controller"),
-        &token,
-    );
-    Ok(TenantFixture {
+    let user = format!("system:serviceaccount:{namespace}:kubevirt-csi-controller");
+    let controller_kubeconfig =
+        cp.kubeconfig_with_token_server(server.unwrap_or(cp.url()), &user, &token);
+    let fixture = TenantFixture {
         namespace: namespace.to_string(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         controller_kubeconfig,
-    })
+    };
+    // Every test's controller runs under the shipped admission policy too, so a write the
+    // policy would refuse in production fails the tests.
+    let controller = cp
+        .client_from_kubeconfig(&user, &cp.kubeconfig_with_token(&user, &token))
+        .await?;
+    enforce_admission_policy(&client, &controller, namespace, &fixture.label_args()).await?;
+    Ok(fixture)
 }
 
 /// Creates a running VirtualMachine, labelled for the tenant, and waits (on a watch) for

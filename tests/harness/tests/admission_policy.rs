@@ -1,0 +1,936 @@
+//! The shipped admission policy (`deploy/infra/admission-policy.yaml`) on a real
+//! kube-apiserver with the upstream KubeVirt, CDI and snapshot CRDs: `deploy/infra` is
+//! rendered with the pinned kubectl as the overlays render it and applied, and requests are
+//! sent with a token of the controller's ServiceAccount. The controller is also granted a
+//! Role wider than the shipped one here, so every refusal below is the policy's (its message
+//! names it), not RBAC's: the policy must hold even where RBAC is too generous. The same
+//! requests by a cluster admin are admitted: the policy binds the controller only.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+use kubevirt_csi_harness::cluster::ControlPlane;
+use kubevirt_csi_harness::crds;
+use kubevirt_csi_harness::csi::{admission_policy_name, apply_rendered};
+use kubevirt_csi_harness::fixtures::{self, data_volume_resource, vm_resource, vmi_resource};
+use kubevirt_csi_harness::tools::{Tools, repo_root};
+
+const NS: &str = "tenant-a";
+const SA: &str = "kubevirt-csi-controller";
+
+fn snapshot_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+        "volumesnapshots",
+    )
+}
+
+fn user(ns: &str) -> String {
+    format!("system:serviceaccount:{ns}:{SA}")
+}
+
+struct Env {
+    _cp: ControlPlane,
+    admin: kube::Client,
+    /// The controller's ServiceAccount token, bound by the shipped Role and a wider one.
+    controller: kube::Client,
+}
+
+impl Env {
+    fn dvs(&self, admin: bool, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.pick(admin), ns, &data_volume_resource())
+    }
+    fn pvcs(&self, admin: bool) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.pick(admin), NS)
+    }
+    fn snapshots(&self, admin: bool) -> Api<DynamicObject> {
+        Api::namespaced_with(self.pick(admin), NS, &snapshot_resource())
+    }
+    fn vms(&self, admin: bool) -> Api<DynamicObject> {
+        Api::namespaced_with(self.pick(admin), NS, &vm_resource())
+    }
+    fn vmis(&self, admin: bool) -> Api<DynamicObject> {
+        Api::namespaced_with(self.pick(admin), NS, &vmi_resource())
+    }
+    fn pick(&self, admin: bool) -> kube::Client {
+        if admin {
+            self.admin.clone()
+        } else {
+            self.controller.clone()
+        }
+    }
+}
+
+/// A control plane with the CRDs and tenant `tenant-a` (labels `cluster=a`), whose
+/// `deploy/infra` the fixture renders, applies and waits to be enforced.
+async fn env() -> Env {
+    let cp = ControlPlane::start(Default::default())
+        .await
+        .expect("control plane");
+    let admin = cp.client().await.unwrap();
+    crds::install(&admin).await.expect("crds");
+    let tenant = fixtures::tenant(&cp, NS, &[("cluster", "a")], None)
+        .await
+        .expect("tenant with the admission policy in force");
+    grant_wide_role(&admin, NS, NS).await;
+    let controller = cp
+        .client_from_kubeconfig(&user(NS), &tenant.controller_kubeconfig)
+        .await
+        .unwrap();
+    Env {
+        _cp: cp,
+        admin,
+        controller,
+    }
+}
+
+/// More than deploy/infra/role.yaml grants: every write on the objects the policy guards,
+/// to the ServiceAccount of `sa_ns`, in `ns`. Waits until the authorizer sees the grant.
+async fn grant_wide_role(admin: &kube::Client, sa_ns: &str, ns: &str) {
+    let pp = PatchParams::apply("admission-test").force();
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "too-wide", "namespace": ns},
+        "rules": [
+            {"apiGroups": ["cdi.kubevirt.io"], "resources": ["datavolumes"], "verbs": ["*"]},
+            {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["*"]},
+            {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"], "verbs": ["*"]},
+            {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines", "virtualmachineinstances"], "verbs": ["*"]}
+        ]
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .patch("too-wide", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "too-wide", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "too-wide"},
+        "subjects": [{"kind": "ServiceAccount", "name": SA, "namespace": sa_ns}]
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .patch("too-wide", &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    // The authorizer reads RBAC from informers: ask it (as the requests below will) until
+    // the grant is visible, so no refusal below can be RBAC's.
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {"user": user(sa_ns), "groups": ["system:serviceaccounts"],
+                 "resourceAttributes": {"namespace": ns, "verb": "create", "group": "kubevirt.io", "resource": "virtualmachines"}}
+    }))
+    .unwrap();
+    let reviews: Api<SubjectAccessReview> = Api::all(admin.clone());
+    for _ in 0..200 {
+        let r = reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .unwrap();
+        if r.status.is_some_and(|s| s.allowed) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the wide Role for {} in {ns} never took effect",
+        user(sa_ns)
+    );
+}
+
+/// Refused by this tenant's policy: the message names the policy and contains `why`.
+#[track_caller]
+fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>, why: &str) {
+    let policy = admission_policy_name(NS);
+    match r {
+        Err(kube::Error::Api(s))
+            if s.message
+                .contains(&format!("ValidatingAdmissionPolicy '{policy}'")) =>
+        {
+            assert!(
+                s.message.contains(why),
+                "{what}: refused by the policy, but not because {why:?}: {}",
+                s.message
+            );
+        }
+        other => panic!("{what}: expected a refusal by {policy}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn admitted<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: expected it to be admitted, got {e}"))
+}
+
+fn labels(value: Option<&str>) -> BTreeMap<String, String> {
+    value
+        .map(|v| BTreeMap::from([("cluster".to_string(), v.to_string())]))
+        .unwrap_or_default()
+}
+
+/// A DataVolume shaped like the controller's: prefix, CSI name annotation, blank source.
+fn dv(name: &str, tenant: Option<&str>) -> DynamicObject {
+    dv_from(name, tenant, json!({"blank": {}}))
+}
+
+fn dv_from(name: &str, tenant: Option<&str>, source: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+        "metadata": {"name": name, "labels": labels(tenant),
+                     "annotations": {"csi.kubevirt.io/csi-name": format!("pvc-{name}")}},
+        "spec": {"source": source, "storage": {"resources": {"requests": {"storage": "1Gi"}}}}
+    }))
+    .unwrap()
+}
+
+fn pvc(name: &str, tenant: Option<&str>) -> PersistentVolumeClaim {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels(tenant)},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap()
+}
+
+fn snapshot(name: &str, tenant: Option<&str>, claim: &str) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "labels": labels(tenant),
+                     "annotations": {"csi.kubevirt.io/csi-name": format!("snap-{name}")}},
+        "spec": {"source": {"persistentVolumeClaimName": claim}}
+    }))
+    .unwrap()
+}
+
+fn json_patch(ops: Value) -> Patch<()> {
+    Patch::Json(serde_json::from_value(ops).expect("a JSON patch"))
+}
+
+fn merge(v: Value) -> Patch<Value> {
+    Patch::Merge(v)
+}
+
+#[tokio::test]
+async fn storage_writes_only_on_the_tenants_driver_objects() {
+    let env = env().await;
+    let pp = PostParams::default();
+    let dp = DeleteParams::default();
+
+    // Create: what the controller makes is admitted; anything without this tenant's labels,
+    // the driver's marker or an allowed source is not.
+    admitted(
+        "a labelled DataVolume",
+        env.dvs(false, NS)
+            .create(&pp, &dv("kvcsi-ours", Some("a")))
+            .await,
+    );
+    refused(
+        "an unlabelled DataVolume",
+        env.dvs(false, NS)
+            .create(&pp, &dv("kvcsi-bare", None))
+            .await,
+        "must carry the tenant labels cluster=a",
+    );
+    refused(
+        "another tenant's DataVolume",
+        env.dvs(false, NS)
+            .create(&pp, &dv("kvcsi-theirs", Some("b")))
+            .await,
+        "must carry the tenant labels cluster=a",
+    );
+    refused(
+        "a DataVolume without the prefix",
+        env.dvs(false, NS)
+            .create(&pp, &dv("root-disk", Some("a")))
+            .await,
+        "must be named with the prefix kvcsi-",
+    );
+    refused(
+        "an import from a URL",
+        env.dvs(false, NS)
+            .create(
+                &pp,
+                &dv_from(
+                    "kvcsi-import",
+                    Some("a"),
+                    json!({"http": {"url": "http://10.0.0.1/x"}}),
+                ),
+            )
+            .await,
+        "source must be blank",
+    );
+    refused(
+        "a clone from another namespace",
+        env.dvs(false, NS)
+            .create(
+                &pp,
+                &dv_from(
+                    "kvcsi-clone",
+                    Some("a"),
+                    json!({"pvc": {"namespace": "tenant-b", "name": "kvcsi-x"}}),
+                ),
+            )
+            .await,
+        "source must be blank",
+    );
+    admitted(
+        "a clone of one of ours",
+        env.dvs(false, NS)
+            .create(
+                &pp,
+                &dv_from(
+                    "kvcsi-clone",
+                    Some("a"),
+                    json!({"pvc": {"namespace": NS, "name": "kvcsi-ours"}}),
+                ),
+            )
+            .await,
+    );
+    admitted(
+        "a labelled snapshot of one of ours",
+        env.snapshots(false)
+            .create(&pp, &snapshot("kvcsi-snap", Some("a"), "kvcsi-ours"))
+            .await,
+    );
+    refused(
+        "a snapshot of a foreign claim",
+        env.snapshots(false)
+            .create(&pp, &snapshot("kvcsi-snap2", Some("a"), "root-disk"))
+            .await,
+        "source must be one of this tenant's volumes",
+    );
+    refused(
+        "an unlabelled snapshot",
+        env.snapshots(false)
+            .create(&pp, &snapshot("kvcsi-snap3", None, "kvcsi-ours"))
+            .await,
+        "must carry the tenant labels",
+    );
+
+    // Objects the controller did not make: unlabelled ones, and a tenant-labelled one
+    // without the driver's marker (a worker's root disk stamped with the operator's labels).
+    for (name, tenant) in [("kvcsi-foreign", None), ("root-disk", Some("a"))] {
+        env.dvs(true, NS)
+            .create(&pp, &dv(name, tenant))
+            .await
+            .unwrap();
+        env.pvcs(true)
+            .create(&pp, &pvc(name, tenant))
+            .await
+            .unwrap();
+        env.snapshots(true)
+            .create(&pp, &snapshot(name, tenant, name))
+            .await
+            .unwrap();
+    }
+    // Prefix and labels, but no CSI name annotation: not made by the driver either.
+    let mut unmarked: DynamicObject = dv("kvcsi-unmarked", Some("a"));
+    unmarked.metadata.annotations = None;
+    env.dvs(true, NS).create(&pp, &unmarked).await.unwrap();
+    for name in ["kvcsi-foreign", "root-disk", "kvcsi-unmarked"] {
+        refused(
+            &format!("deleting DataVolume {name}"),
+            env.dvs(false, NS).delete(name, &dp).await,
+            "is not one the driver created for this tenant",
+        );
+        refused(
+            &format!("patching DataVolume {name}"),
+            env.dvs(false, NS)
+                .patch(
+                    name,
+                    &PatchParams::default(),
+                    &merge(
+                        json!({"metadata": {"annotations": {"csi.kubevirt.io/attached-to": "vm"}}}),
+                    ),
+                )
+                .await,
+            "is not one the driver created for this tenant",
+        );
+    }
+    for name in ["kvcsi-foreign", "root-disk"] {
+        refused(
+            &format!("deleting claim {name}"),
+            env.pvcs(false).delete(name, &dp).await,
+            "is not one the driver created for this tenant",
+        );
+        refused(
+            &format!("deleting snapshot {name}"),
+            env.snapshots(false).delete(name, &dp).await,
+            "is not one the driver created for this tenant",
+        );
+    }
+
+    // Claims: CDI makes them; the controller only patches its own.
+    env.pvcs(true)
+        .create(&pp, &pvc("kvcsi-ours", Some("a")))
+        .await
+        .unwrap();
+    admitted(
+        "a metadata-only patch of our claim",
+        env.pvcs(false)
+            .patch(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"metadata": {"annotations": {"note": "x"}}})),
+            )
+            .await,
+    );
+    refused(
+        "dropping our claim's tenant label",
+        env.pvcs(false)
+            .patch(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"metadata": {"labels": {"cluster": null}}})),
+            )
+            .await,
+        "must carry the tenant labels",
+    );
+    refused(
+        "moving our claim to another tenant",
+        env.pvcs(false)
+            .patch(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"metadata": {"labels": {"cluster": "b"}}})),
+            )
+            .await,
+        "must carry the tenant labels",
+    );
+    refused(
+        "creating a claim",
+        env.pvcs(false)
+            .create(&pp, &pvc("kvcsi-new", Some("a")))
+            .await,
+        "neither creates nor deletes claims",
+    );
+    refused(
+        "deleting our claim",
+        env.pvcs(false).delete("kvcsi-ours", &dp).await,
+        "neither creates nor deletes claims",
+    );
+    refused(
+        "changing a DataVolume's spec",
+        env.dvs(false, NS)
+            .patch(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"spec": {"storage": {"storageClassName": "slow"}}})),
+            )
+            .await,
+        "may not change the spec",
+    );
+    admitted(
+        "annotating our DataVolume (the attachment record)",
+        env.dvs(false, NS)
+            .patch(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"metadata": {"annotations": {"csi.kubevirt.io/attached-to": "vm"}}})),
+            )
+            .await,
+    );
+    admitted(
+        "deleting our snapshot",
+        env.snapshots(false).delete("kvcsi-snap", &dp).await,
+    );
+    admitted(
+        "deleting our DataVolume",
+        env.dvs(false, NS).delete("kvcsi-ours", &dp).await,
+    );
+
+    // Another namespace, even where RBAC lets the controller in.
+    let other: Namespace = serde_json::from_value(json!({"metadata": {"name": "other"}})).unwrap();
+    Api::<Namespace>::all(env.admin.clone())
+        .create(&pp, &other)
+        .await
+        .unwrap();
+    grant_wide_role(&env.admin, NS, "other").await;
+    refused(
+        "a labelled DataVolume in another namespace",
+        env.dvs(false, "other")
+            .create(&pp, &dv("kvcsi-elsewhere", Some("a")))
+            .await,
+        "only in its own tenant's infra namespace",
+    );
+
+    // The cluster admin is not bound by the policy.
+    admitted(
+        "admin: an unlabelled DataVolume",
+        env.dvs(true, NS).create(&pp, &dv("kvcsi-bare", None)).await,
+    );
+    admitted(
+        "admin: another tenant's DataVolume",
+        env.dvs(true, NS)
+            .create(&pp, &dv("kvcsi-theirs", Some("b")))
+            .await,
+    );
+    admitted(
+        "admin: a DataVolume in another namespace",
+        env.dvs(true, "other")
+            .create(&pp, &dv("kvcsi-elsewhere", Some("a")))
+            .await,
+    );
+    admitted(
+        "admin: dropping a claim's tenant label",
+        env.pvcs(true)
+            .patch(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"metadata": {"labels": {"cluster": null}}})),
+            )
+            .await,
+    );
+    for name in ["kvcsi-foreign", "root-disk"] {
+        admitted(
+            &format!("admin: deleting DataVolume {name}"),
+            env.dvs(true, NS).delete(name, &dp).await,
+        );
+        admitted(
+            &format!("admin: deleting claim {name}"),
+            env.pvcs(true).delete(name, &dp).await,
+        );
+        admitted(
+            &format!("admin: deleting snapshot {name}"),
+            env.snapshots(true).delete(name, &dp).await,
+        );
+    }
+}
+
+/// A worker VM as KubeVirt users write them: a container-disk root volume and its disk.
+fn worker(name: &str, tenant: &str) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "labels": labels(Some(tenant))},
+        "spec": {"runStrategy": "Always", "template": {
+            "metadata": {"labels": labels(Some(tenant))},
+            "spec": {
+                "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]},
+                           "resources": {"requests": {"memory": "1Gi"}}},
+                "volumes": [{"name": "root", "containerDisk": {"image": "quay.io/containerdisks/fedora:41"}}]
+            }}}
+    }))
+    .unwrap()
+}
+
+const VOLUMES: &str = "/spec/template/spec/volumes";
+const DISKS: &str = "/spec/template/spec/domain/devices/disks";
+
+/// The controller's declarative hotplug patch (controller/src/attach.rs), for `name`.
+fn hotplug_ops(name: &str, source: Value, disk: Value) -> Value {
+    json!([
+        {"op": "add", "path": format!("{VOLUMES}/-"), "value": {"name": name, "dataVolume": source}},
+        {"op": "add", "path": format!("{DISKS}/-"), "value": disk}
+    ])
+}
+
+fn hot_disk(name: &str) -> Value {
+    json!({"name": name, "disk": {"bus": "scsi"}, "serial": "serial0001"})
+}
+
+#[tokio::test]
+async fn vm_changes_only_by_hotpluggable_volumes() {
+    let env = env().await;
+    let pp = PostParams::default();
+    let patch = |name: &str, ops: Value| {
+        let vms = env.vms(false);
+        let name = name.to_string();
+        async move {
+            vms.patch(&name, &PatchParams::default(), &json_patch(ops))
+                .await
+        }
+    };
+    env.vms(true)
+        .create(&pp, &worker("worker", "a"))
+        .await
+        .unwrap();
+    env.vms(true)
+        .create(&pp, &worker("theirs", "b"))
+        .await
+        .unwrap();
+
+    // The controller's own hotplug and unplug.
+    admitted(
+        "adding a hotpluggable volume and its disk",
+        patch(
+            "worker",
+            hotplug_ops(
+                "kvcsi-vol",
+                json!({"name": "kvcsi-vol", "hotpluggable": true}),
+                hot_disk("kvcsi-vol"),
+            ),
+        )
+        .await,
+    );
+    admitted(
+        "removing it again",
+        patch(
+            "worker",
+            json!([
+                {"op": "test", "path": format!("{VOLUMES}/1/name"), "value": "kvcsi-vol"},
+                {"op": "remove", "path": format!("{VOLUMES}/1")},
+                {"op": "remove", "path": format!("{DISKS}/1")}
+            ]),
+        )
+        .await,
+    );
+    admitted(
+        "adding it once more (kept for the refusals below)",
+        patch(
+            "worker",
+            hotplug_ops(
+                "kvcsi-vol",
+                json!({"name": "kvcsi-vol", "hotpluggable": true}),
+                hot_disk("kvcsi-vol"),
+            ),
+        )
+        .await,
+    );
+
+    let forged: Vec<(&str, Value, &str)> = vec![
+        (
+            "adding a volume that is not hotpluggable",
+            hotplug_ops(
+                "kvcsi-cold",
+                json!({"name": "kvcsi-cold"}),
+                hot_disk("kvcsi-cold"),
+            ),
+            "not hotpluggable",
+        ),
+        (
+            "removing the root volume and disk",
+            json!([
+                {"op": "remove", "path": format!("{VOLUMES}/0")},
+                {"op": "remove", "path": format!("{DISKS}/0")}
+            ]),
+            "not hotpluggable",
+        ),
+        (
+            "making the root volume hotpluggable",
+            json!([{"op": "replace", "path": format!("{VOLUMES}/0"),
+                    "value": {"name": "root", "dataVolume": {"name": "root", "hotpluggable": true}}}]),
+            "not hotpluggable",
+        ),
+        (
+            "changing the run strategy",
+            json!([{"op": "replace", "path": "/spec/runStrategy", "value": "Halted"}]),
+            "another part of the spec differs",
+        ),
+        (
+            "changing the container disk image",
+            json!([{"op": "replace", "path": format!("{VOLUMES}/0/containerDisk/image"),
+                    "value": "registry.example/evil:latest"}]),
+            "not hotpluggable",
+        ),
+        (
+            "changing the root disk's bus",
+            json!([{"op": "replace", "path": format!("{DISKS}/0/disk/bus"), "value": "sata"}]),
+            "only the disks of hotpluggable volumes",
+        ),
+        (
+            "changing the memory",
+            json!([{"op": "replace", "path": "/spec/template/spec/domain/resources/requests/memory",
+                    "value": "64Gi"}]),
+            "another part of the spec differs",
+        ),
+        (
+            "adding a node selector",
+            json!([{"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {"x": "y"}}]),
+            "another part of the spec differs",
+        ),
+        (
+            "changing the template's labels",
+            json!([{"op": "add", "path": "/spec/template/metadata/labels/extra", "value": "x"}]),
+            "another part of the spec differs",
+        ),
+        (
+            "adding a label",
+            json!([{"op": "add", "path": "/metadata/labels/extra", "value": "x"}]),
+            "labels, annotations, finalizers or owners",
+        ),
+        (
+            "dropping the tenant label",
+            json!([{"op": "remove", "path": "/metadata/labels/cluster"}]),
+            "labels, annotations, finalizers or owners",
+        ),
+        (
+            "hotplugging a volume without the prefix",
+            hotplug_ops(
+                "root-copy",
+                json!({"name": "root-copy", "hotpluggable": true}),
+                hot_disk("root-copy"),
+            ),
+            "one of the tenant volumes",
+        ),
+        (
+            "hotplugging a claim under another volume's name",
+            hotplug_ops(
+                "kvcsi-alias",
+                json!({"name": "kvcsi-other", "hotpluggable": true}),
+                hot_disk("kvcsi-alias"),
+            ),
+            "one of the tenant volumes",
+        ),
+        (
+            "hotplugging a disk that boots first",
+            hotplug_ops(
+                "kvcsi-boot",
+                json!({"name": "kvcsi-boot", "hotpluggable": true}),
+                json!({"name": "kvcsi-boot", "disk": {"bus": "scsi"}, "bootOrder": 1}),
+            ),
+            "no boot order",
+        ),
+        (
+            "adding a disk without a volume",
+            json!([{"op": "add", "path": format!("{DISKS}/-"), "value": hot_disk("kvcsi-lonely")}]),
+            "only the disks of hotpluggable volumes",
+        ),
+    ];
+    for (what, ops, why) in &forged {
+        refused(what, patch("worker", ops.clone()).await, why);
+    }
+    refused(
+        "hotplugging into another tenant's VM",
+        patch(
+            "theirs",
+            hotplug_ops(
+                "kvcsi-vol",
+                json!({"name": "kvcsi-vol", "hotpluggable": true}),
+                hot_disk("kvcsi-vol"),
+            ),
+        )
+        .await,
+        "is not a worker of this tenant",
+    );
+    refused(
+        "creating a VM",
+        env.vms(false).create(&pp, &worker("new", "a")).await,
+        "may not create virtualmachines",
+    );
+    refused(
+        "deleting a VM",
+        env.vms(false)
+            .delete("worker", &DeleteParams::default())
+            .await,
+        "may not delete virtualmachines",
+    );
+    let vmi: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": "worker", "labels": labels(Some("a"))},
+        "spec": {"domain": {"devices": {}, "resources": {"requests": {"memory": "1Gi"}}}}
+    }))
+    .unwrap();
+    refused(
+        "creating a VMI",
+        env.vmis(false).create(&pp, &vmi).await,
+        "may not create virtualmachineinstances",
+    );
+
+    // The cluster admin may do all of it (the policy binds the controller only): each
+    // patch on a fresh copy of the worker in the state the controller's patches met.
+    let vms = env.vms(true);
+    let params = PatchParams::default();
+    for (i, (what, ops, _)) in forged.iter().enumerate() {
+        let name = format!("copy-{i}");
+        vms.create(&pp, &worker(&name, "a")).await.unwrap();
+        let hot = hotplug_ops(
+            "kvcsi-vol",
+            json!({"name": "kvcsi-vol", "hotpluggable": true}),
+            hot_disk("kvcsi-vol"),
+        );
+        vms.patch(&name, &params, &json_patch(hot)).await.unwrap();
+        admitted(
+            &format!("admin: {what}"),
+            vms.patch(&name, &params, &json_patch(ops.clone())).await,
+        );
+    }
+    admitted(
+        "admin: hotplugging into another tenant's VM",
+        vms.patch(
+            "theirs",
+            &params,
+            &json_patch(hotplug_ops(
+                "kvcsi-vol",
+                json!({"name": "kvcsi-vol", "hotpluggable": true}),
+                hot_disk("kvcsi-vol"),
+            )),
+        )
+        .await,
+    );
+    admitted(
+        "admin: creating a VM",
+        vms.create(&pp, &worker("new", "a")).await,
+    );
+    admitted(
+        "admin: deleting a VM",
+        vms.delete("worker", &DeleteParams::default()).await,
+    );
+    admitted(
+        "admin: creating a VMI",
+        env.vmis(true).create(&pp, &vmi).await,
+    );
+}
+
+/// The shipped tenant overlay, rendered by the pinned kubectl and applied as is: its policy
+/// is named after its namespace, takes its labels from the overlay, and holds the token of
+/// its ServiceAccount.
+#[tokio::test]
+async fn the_tenant_overlay_ships_an_enforced_policy() {
+    let cp = ControlPlane::start(Default::default())
+        .await
+        .expect("control plane");
+    let admin = cp.client().await.unwrap();
+    crds::install(&admin).await.expect("crds");
+    let kubectl = Tools::locate().unwrap_or_else(|e| panic!("{e}")).kubectl;
+    let out = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(repo_root().join("deploy/overlays/tenant/infra"))
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: Vec<Value> =
+        serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &Value| !v.is_null())
+            .collect();
+    let ns = "tenant-example";
+    let policy = admission_policy_name(ns);
+    let find = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("the overlay renders no {kind}"))
+    };
+    assert_eq!(
+        find("ValidatingAdmissionPolicy")["metadata"]["name"],
+        policy
+    );
+    let binding = find("ValidatingAdmissionPolicyBinding");
+    assert_eq!(binding["metadata"]["name"], policy);
+    assert_eq!(binding["spec"]["policyName"], policy);
+    assert_eq!(binding["spec"]["paramRef"]["namespace"], ns);
+    assert_eq!(
+        find("ServiceAccount")["metadata"]["annotations"]["csi.kubevirt.io/tenant-labels"],
+        "csi.kubevirt.io/tenant=example"
+    );
+
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    // kubectl apply, as an infra admin would (server-side, the admin kubeconfig).
+    let yaml: String = objects
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .collect();
+    let mut child = Command::new(&kubectl)
+        .args(["apply", "--server-side", "-f", "-", "--kubeconfig"])
+        .arg(cp.kubeconfig_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let applied = child.wait_with_output().unwrap();
+    assert!(
+        applied.status.success(),
+        "kubectl apply of the tenant overlay: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    // Re-applying through the harness is a no-op for these objects; it proves the harness
+    // and kubectl agree on what the overlay means.
+    apply_rendered(&admin, &objects, "admission-test")
+        .await
+        .expect("harness apply");
+
+    // A token of the overlay's ServiceAccount (the harness's controller_token would
+    // re-apply deploy/infra's ServiceAccount without the overlay's annotation).
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 3600}
+    }))
+    .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request(SA, &PostParams::default(), &request)
+        .await
+        .expect("token")
+        .status
+        .expect("token status")
+        .token;
+    let controller = cp
+        .client_from_kubeconfig(&user(ns), &cp.kubeconfig_with_token(&user(ns), &token))
+        .await
+        .unwrap();
+    let dvs: Api<DynamicObject> = Api::namespaced_with(controller, ns, &data_volume_resource());
+    let labelled = |value: &str| -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": format!("kvcsi-{}", value.len()),
+                         "labels": {"csi.kubevirt.io/tenant": value},
+                         "annotations": {"csi.kubevirt.io/csi-name": "pvc-1"}},
+            "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Gi"}}}}
+        }))
+        .unwrap()
+    };
+    // Until the policy is in force, nothing below would mean anything: wait for the first
+    // refusal by it (see enforce_admission_policy for why there is such a window).
+    let mut last = String::new();
+    let mut enforced = false;
+    for _ in 0..300 {
+        match dvs
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &labelled("other"),
+            )
+            .await
+        {
+            Err(kube::Error::Api(s))
+                if s.message.contains(&policy) && s.message.contains("tenant labels") =>
+            {
+                enforced = true;
+                break;
+            }
+            r => last = format!("{r:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(enforced, "{policy} never refused a foreign label: {last}");
+    refused_by(
+        &policy,
+        dvs.create(&PostParams::default(), &labelled("other")).await,
+    );
+    dvs.create(&PostParams::default(), &labelled("example"))
+        .await
+        .expect("a DataVolume with the overlay's tenant label is admitted");
+}
+
+#[track_caller]
+fn refused_by<T: std::fmt::Debug>(policy: &str, r: Result<T, kube::Error>) {
+    match r {
+        Err(kube::Error::Api(s))
+            if s.message
+                .contains(&format!("ValidatingAdmissionPolicy '{policy}'")) => {}
+        other => panic!("expected a refusal by {policy}, got {other:?}"),
+    }
+}
