@@ -732,6 +732,69 @@ async fn vm_changes_only_by_hotpluggable_volumes() {
         "may not create virtualmachineinstances",
     );
 
+    // A worker at KubeVirt's own limit (the VM CRD allows 256 volumes and 256 disks): the
+    // root volume, 254 hotplugged ones, and the controller adds the 256th. The policy's list
+    // comparisons stay inside CEL's cost budget there, so its answers are the rules' and
+    // never a cost error (which would refuse the controller's own hotplug).
+    let mut big = worker("big", "a");
+    for i in 0..254 {
+        let name = format!("kvcsi-h{i:03}");
+        big.data["spec"]["template"]["spec"]["volumes"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": name, "dataVolume": {"name": name, "hotpluggable": true}}));
+        big.data["spec"]["template"]["spec"]["domain"]["devices"]["disks"]
+            .as_array_mut()
+            .unwrap()
+            .push(hot_disk(&name));
+    }
+    env.vms(true).create(&pp, &big).await.unwrap();
+    admitted(
+        "hotplugging the 256th volume",
+        patch(
+            "big",
+            hotplug_ops(
+                "kvcsi-h254",
+                json!({"name": "kvcsi-h254", "hotpluggable": true}),
+                hot_disk("kvcsi-h254"),
+            ),
+        )
+        .await,
+    );
+    admitted(
+        "unplugging one in the middle",
+        patch(
+            "big",
+            json!([
+                {"op": "test", "path": format!("{VOLUMES}/129/name"), "value": "kvcsi-h128"},
+                {"op": "remove", "path": format!("{VOLUMES}/129")},
+                {"op": "remove", "path": format!("{DISKS}/129")}
+            ]),
+        )
+        .await,
+    );
+    refused(
+        "changing the run strategy of the big worker",
+        patch(
+            "big",
+            json!([{"op": "replace", "path": "/spec/runStrategy", "value": "Halted"}]),
+        )
+        .await,
+        "another part of the spec differs",
+    );
+    refused(
+        "swapping two hotplugged volumes' claims on the big worker",
+        patch(
+            "big",
+            json!([
+                {"op": "replace", "path": format!("{VOLUMES}/1/dataVolume/name"), "value": "kvcsi-h001"},
+                {"op": "replace", "path": format!("{VOLUMES}/2/dataVolume/name"), "value": "kvcsi-h000"}
+            ]),
+        )
+        .await,
+        "one of the tenant volumes",
+    );
+
     // The cluster admin may do all of it (the policy binds the controller only): each
     // patch on a fresh copy of the worker in the state the controller's patches met.
     let vms = env.vms(true);
@@ -777,54 +840,95 @@ async fn vm_changes_only_by_hotpluggable_volumes() {
     );
 }
 
-/// The shipped tenant overlay, rendered by the pinned kubectl and applied as is: its policy
-/// is named after its namespace, takes its labels from the overlay, and holds the token of
-/// its ServiceAccount.
+fn render_overlay(kubectl: &std::path::Path, dir: &str) -> Vec<Value> {
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(repo_root().join(dir))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// The shipped infra overlays, rendered by the pinned kubectl: each names its policy and
+/// binding after its namespace and gives the ServiceAccount the tenant label its controller
+/// runs with. The tenant overlay is then applied as is: its policy holds the token of its
+/// ServiceAccount.
 #[tokio::test]
-async fn the_tenant_overlay_ships_an_enforced_policy() {
+async fn the_infra_overlays_ship_an_enforced_policy() {
+    let kubectl = Tools::locate().unwrap_or_else(|e| panic!("{e}")).kubectl;
+    for (dir, ns) in [
+        ("deploy/overlays/split/infra", "clusters-example"),
+        ("deploy/overlays/tenant/infra", "tenant-example"),
+    ] {
+        let objects = render_overlay(&kubectl, dir);
+        let policy = admission_policy_name(ns);
+        let find = |kind: &str| {
+            objects
+                .iter()
+                .find(|o| o["kind"] == kind)
+                .unwrap_or_else(|| panic!("{dir} renders no {kind}"))
+        };
+        assert_eq!(
+            find("ValidatingAdmissionPolicy")["metadata"]["name"],
+            policy,
+            "{dir}"
+        );
+        let binding = find("ValidatingAdmissionPolicyBinding");
+        assert_eq!(binding["metadata"]["name"], policy, "{dir}");
+        assert_eq!(binding["spec"]["policyName"], policy, "{dir}");
+        assert_eq!(binding["spec"]["paramRef"]["namespace"], ns, "{dir}");
+        assert_eq!(
+            binding["spec"]["validationActions"],
+            json!(["Deny"]),
+            "{dir}"
+        );
+        assert_eq!(
+            find("ValidatingAdmissionPolicy")["spec"]["failurePolicy"],
+            "Fail",
+            "{dir}"
+        );
+        assert_eq!(
+            find("ServiceAccount")["metadata"]["annotations"]["csi.kubevirt.io/tenant-labels"],
+            "csi.kubevirt.io/tenant=example",
+            "{dir}"
+        );
+    }
+    // Split: the label the policy holds the controller to is the one it is started with.
+    let split = render_overlay(&kubectl, "deploy/overlays/split/infra");
+    let tenant_cm = split
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("kubevirt-csi-tenant"))
+        })
+        .expect("the tenant ConfigMap");
+    let sa = split
+        .iter()
+        .find(|o| o["kind"] == "ServiceAccount")
+        .unwrap();
+    assert_eq!(
+        sa["metadata"]["annotations"]["csi.kubevirt.io/tenant-labels"],
+        tenant_cm["data"]["tenantLabel"]
+    );
+
     let cp = ControlPlane::start(Default::default())
         .await
         .expect("control plane");
     let admin = cp.client().await.unwrap();
     crds::install(&admin).await.expect("crds");
-    let kubectl = Tools::locate().unwrap_or_else(|e| panic!("{e}")).kubectl;
-    let out = Command::new(&kubectl)
-        .arg("kustomize")
-        .arg(repo_root().join("deploy/overlays/tenant/infra"))
-        .stdout(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let objects: Vec<Value> =
-        serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .filter(|v: &Value| !v.is_null())
-            .collect();
+    let objects = render_overlay(&kubectl, "deploy/overlays/tenant/infra");
     let ns = "tenant-example";
     let policy = admission_policy_name(ns);
-    let find = |kind: &str| {
-        objects
-            .iter()
-            .find(|o| o["kind"] == kind)
-            .unwrap_or_else(|| panic!("the overlay renders no {kind}"))
-    };
-    assert_eq!(
-        find("ValidatingAdmissionPolicy")["metadata"]["name"],
-        policy
-    );
-    let binding = find("ValidatingAdmissionPolicyBinding");
-    assert_eq!(binding["metadata"]["name"], policy);
-    assert_eq!(binding["spec"]["policyName"], policy);
-    assert_eq!(binding["spec"]["paramRef"]["namespace"], ns);
-    assert_eq!(
-        find("ServiceAccount")["metadata"]["annotations"]["csi.kubevirt.io/tenant-labels"],
-        "csi.kubevirt.io/tenant=example"
-    );
-
     let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
     Api::<Namespace>::all(admin.clone())
         .create(&PostParams::default(), &namespace)
