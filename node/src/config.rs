@@ -9,6 +9,7 @@ use crate::context::Bus;
 use crate::discovery::Sysfs;
 use crate::node_id::NodeId;
 use crate::paths::KubeletRoot;
+use crate::state::{StateDir, StateError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -38,6 +39,11 @@ pub struct Args {
     /// Staging and target paths must lie under this directory.
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_root: PathBuf,
+    /// The plugin's own records (staged block volumes, the mounts it made). Must survive
+    /// plugin restarts and be writable by no pod; CO paths inside it are refused.
+    /// Default: <kubelet-root>/plugins/csi.kubevirt.io/node-state.
+    #[arg(long, env = "KUBEVIRT_CSI_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Where sysfs is mounted (a fixture tree in tests).
     #[arg(long, default_value = "/sys")]
     pub sysfs_root: PathBuf,
@@ -71,19 +77,32 @@ impl clap::builder::ValueParserFactory for Bus {
 pub struct NodeConfig {
     pub node_id: NodeId,
     pub kubelet_root: KubeletRoot,
+    pub state: StateDir,
     pub sysfs: Sysfs,
     pub discovery_timeout: Duration,
     pub max_volumes_per_node: i64,
 }
 
+impl Args {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.kubelet_root.join("plugins/csi.kubevirt.io/node-state"))
+    }
+}
+
 impl NodeConfig {
-    pub fn from_args(args: &Args, node_id: NodeId) -> Self {
-        Self {
+    /// Opens the state directory (adopting mounts of earlier versions on its first use).
+    pub fn from_args(args: &Args, node_id: NodeId) -> Result<Self, StateError> {
+        let state_dir = args.state_dir();
+        let state = StateDir::open(&state_dir, &args.kubelet_root)?;
+        Ok(Self {
             node_id,
-            kubelet_root: KubeletRoot::new(args.kubelet_root.clone()),
+            kubelet_root: KubeletRoot::new(args.kubelet_root.clone()).with_state_dir(&state_dir),
+            state,
             sysfs: Sysfs::new(&args.sysfs_root, &args.dev_root),
             discovery_timeout: Duration::from_secs(args.discovery_timeout_secs),
             max_volumes_per_node: args.max_volumes.unwrap_or(args.bus.max_hotplug_volumes()),
-        }
+        })
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A `major:minor` pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct DevNo {
     pub major: u64,
     pub minor: u64,

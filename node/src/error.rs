@@ -11,6 +11,7 @@ use crate::fs::FsError;
 use crate::mountinfo::MountInfoError;
 use crate::mounts::{MountError, MountFlagError};
 use crate::paths::PathError;
+use crate::state::StateError;
 
 /// Everything a Node RPC can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +116,22 @@ pub enum NodeError {
         path: PathBuf,
         devno: DevNo,
     },
+    /// A capacity bound is negative, which CapacityRange forbids: a malformed request.
+    #[error("volume {volume_id}: capacity_range.{field} is negative ({value})")]
+    NegativeCapacity {
+        volume_id: String,
+        field: &'static str,
+        value: i64,
+    },
+    /// limit_bytes is below required_bytes: a well-formed range no size can satisfy.
+    #[error(
+        "volume {volume_id}: capacity_range asks for at least {required} bytes but at most {limit}"
+    )]
+    EmptyCapacityRange {
+        volume_id: String,
+        required: i64,
+        limit: i64,
+    },
     /// NodeExpand came before the disk grew.
     #[error("volume {volume_id}: {device:?} is {size} bytes, less than the {required} requested")]
     NotGrown {
@@ -122,6 +139,13 @@ pub enum NodeError {
         device: PathBuf,
         size: u64,
         required: u64,
+    },
+    /// The plugin's own records could not be read or written.
+    #[error("volume {volume_id}: plugin state")]
+    State {
+        volume_id: String,
+        #[source]
+        source: StateError,
     },
     #[error("reading the mount table failed")]
     MountInfo(#[from] MountInfoError),
@@ -146,7 +170,20 @@ impl NodeError {
     pub fn code(&self) -> Code {
         match self {
             NodeError::MissingField { .. } => Code::InvalidArgument,
-            NodeError::Path(_) => Code::InvalidArgument,
+            NodeError::Path(source) => match source {
+                PathError::Empty { .. } => Code::InvalidArgument,
+                PathError::Nul { .. } => Code::InvalidArgument,
+                PathError::TooLong { .. } => Code::InvalidArgument,
+                PathError::Relative { .. } => Code::InvalidArgument,
+                PathError::NotNormal { .. } => Code::InvalidArgument,
+                PathError::OutsideRoot { .. } => Code::InvalidArgument,
+                PathError::InStateDir { .. } => Code::InvalidArgument,
+                PathError::Symlink { .. } => Code::InvalidArgument,
+                PathError::NotADirectory { .. } => Code::InvalidArgument,
+                PathError::NoParent { .. } => Code::InvalidArgument,
+                // The kernel refused for its own reasons (EACCES, EIO): the node's fault.
+                PathError::Resolve { .. } => Code::Internal,
+            },
             NodeError::Context { .. } => Code::InvalidArgument,
             NodeError::MountFlags { .. } => Code::InvalidArgument,
             NodeError::Capability { .. } => Code::InvalidArgument,
@@ -176,7 +213,14 @@ impl NodeError {
             NodeError::NoVolumeAt { .. } => Code::NotFound,
             NodeError::NotOurs { .. } => Code::FailedPrecondition,
             NodeError::DiskGone { .. } => Code::NotFound,
+            NodeError::NegativeCapacity { .. } => Code::InvalidArgument,
+            NodeError::EmptyCapacityRange { .. } => Code::OutOfRange,
             NodeError::NotGrown { .. } => Code::FailedPrecondition,
+            NodeError::State { source, .. } => match source {
+                StateError::Io { .. } => Code::Internal,
+                StateError::Foreign { .. } => Code::Internal,
+                StateError::MountInfo(_) => Code::Internal,
+            },
             NodeError::MountInfo(_) => Code::Internal,
             NodeError::Mount { .. } => Code::Internal,
             NodeError::Io { .. } => Code::Internal,

@@ -16,5 +16,6 @@ pub mod node_id;
 pub mod node_service;
 pub mod paths;
 pub mod server;
+pub mod state;
 pub mod uevent;
 pub mod volume_ops;

@@ -35,8 +35,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let node_id = NodeId::resolve(flag, args.node_name.as_deref())
         .await
         .map_err(|e| format!("cannot resolve the node id: {}", chain(&e)))?;
-    let cfg = NodeConfig::from_args(&args, node_id);
-    tracing::info!(node_id = %cfg.node_id, max_volumes = cfg.max_volumes_per_node, kubelet_root = ?cfg.kubelet_root.path(), "starting node plugin");
+    let cfg = NodeConfig::from_args(&args, node_id)
+        .map_err(|e| format!("cannot open the state directory: {}", chain(&e)))?;
+    tracing::info!(node_id = %cfg.node_id, max_volumes = cfg.max_volumes_per_node, kubelet_root = ?cfg.kubelet_root.path(), state_dir = ?cfg.state.path(), "starting node plugin");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {

@@ -163,14 +163,9 @@ pub fn mount_device(
     })
 }
 
-/// Bind mounts `source` on `target` and applies per-mount flags.
-///
-/// A bind ignores flags given with it, so read-only and the like need a second call with
-/// MS_BIND|MS_REMOUNT. That remount *replaces* the per-mount flags, so the flags the source
-/// mount already has (e.g. `nodev` from staging) are carried over instead of dropped.
-/// If the remount fails the bind is undone, so a caller never gets a writable mount it
-/// asked to be read-only.
-pub fn bind_mount(source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountError> {
+/// Bind mounts `source` on `target`. A bind ignores flags given with it: read-only and
+/// the like take [`remount_bind`] on the new mount afterwards.
+pub fn bind(source: &Path, target: &Path) -> Result<(), MountError> {
     mount(
         Some(source),
         target,
@@ -182,23 +177,24 @@ pub fn bind_mount(source: &Path, target: &Path, flags: MsFlags) -> Result<(), Mo
         source_path: source.to_owned(),
         target: target.to_owned(),
         errno,
-    })?;
-    if flags.is_empty() {
-        return Ok(());
-    }
+    })
+}
+
+/// Applies per-mount flags to the bind mount at `target` (which must reach the new mount,
+/// not the directory under it). MS_BIND|MS_REMOUNT *replaces* the per-mount flags, so the
+/// flags the mount already has (e.g. `nodev` from staging) are carried over, not dropped.
+pub fn remount_bind(target: &Path, flags: MsFlags) -> Result<(), MountError> {
     let inherited = statvfs(target)
         .map(|s| flags_of(s.flags()))
         .unwrap_or(MsFlags::empty());
     let all = flags | inherited | MsFlags::MS_BIND | MsFlags::MS_REMOUNT;
-    if let Err(errno) = mount(None::<&str>, target, None::<&str>, all, None::<&str>) {
-        let _ = umount2(target, MntFlags::empty());
-        return Err(MountError::Remount {
+    mount(None::<&str>, target, None::<&str>, all, None::<&str>).map_err(|errno| {
+        MountError::Remount {
             target: target.to_owned(),
             flags: all,
             errno,
-        });
-    }
-    Ok(())
+        }
+    })
 }
 
 /// Unmounts exactly one mount at `target`.

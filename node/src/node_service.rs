@@ -9,7 +9,7 @@ use csi_proto::v1::volume_capability::access_mode::Mode;
 use csi_proto::v1::volume_capability::{AccessType, MountVolume};
 use csi_proto::v1::volume_usage::Unit;
 use csi_proto::v1::{
-    NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
+    CapacityRange, NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
     NodeGetCapabilitiesResponse, NodeGetInfoRequest, NodeGetInfoResponse,
     NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
     NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
@@ -148,6 +148,35 @@ fn access_of(volume_id: &str, cap: Option<&VolumeCapability>) -> Result<(Access,
         }
     };
     Ok((access, read_only))
+}
+
+/// The size NodeExpandVolume must reach, after checking the range is one the spec allows.
+///
+/// A negative bound breaks CapacityRange's own contract ("MUST NOT be negative"), so the
+/// request is malformed: INVALID_ARGUMENT. `limit_bytes < required_bytes` (with a limit
+/// set; 0 means none) is well-formed but no size satisfies it, which the spec's
+/// NodeExpandVolume table calls "capacity range not allowed": OUT_OF_RANGE. The limit is
+/// not checked against the disk afterwards: the node cannot shrink what the infra cluster
+/// grew, and an error would only make kubelet retry forever.
+fn required_bytes(volume_id: &str, range: &CapacityRange) -> Result<u64, NodeError> {
+    let negative = |field, value| NodeError::NegativeCapacity {
+        volume_id: volume_id.to_owned(),
+        field,
+        value,
+    };
+    let required = u64::try_from(range.required_bytes)
+        .map_err(|_| negative("required_bytes", range.required_bytes))?;
+    if range.limit_bytes < 0 {
+        return Err(negative("limit_bytes", range.limit_bytes));
+    }
+    if range.limit_bytes > 0 && range.limit_bytes < range.required_bytes {
+        return Err(NodeError::EmptyCapacityRange {
+            volume_id: volume_id.to_owned(),
+            required: range.required_bytes,
+            limit: range.limit_bytes,
+        });
+    }
+    Ok(required)
 }
 
 fn usage(u: Usage, unit: Unit) -> VolumeUsage {
@@ -331,8 +360,10 @@ impl Node for NodeService {
                 .kubelet_root
                 .check("volume_path", &req.volume_path)
                 .map_err(|source| match source {
-                    // An empty path is a malformed request, not a missing volume.
-                    PathError::Empty { .. } => NodeError::Path(source),
+                    // A path no file can have is a malformed request, not a missing volume.
+                    PathError::Empty { .. } | PathError::Nul { .. } | PathError::TooLong { .. } => {
+                        NodeError::Path(source)
+                    }
                     _ => NodeError::NoVolumeAt {
                         path: req.volume_path.clone(),
                         source,
@@ -358,7 +389,8 @@ impl Node for NodeService {
     }
 
     /// NodeExpandVolume: volume_id and volume_path are REQUIRED; NOT_FOUND when the path is
-    /// not a published volume; SCSI disks are rescanned so the guest sees the new size,
+    /// not a published volume; a negative bound is INVALID_ARGUMENT and a limit below the
+    /// requirement OUT_OF_RANGE (see [`required_bytes`]); SCSI disks are rescanned so the guest sees the new size,
     /// then ext4/xfs grow online; capacity_bytes reports the device size.
     async fn node_expand_volume(
         &self,
@@ -373,8 +405,10 @@ impl Node for NodeService {
                 .kubelet_root
                 .check("volume_path", &req.volume_path)
                 .map_err(|source| match source {
-                    // An empty path is a malformed request, not a missing volume.
-                    PathError::Empty { .. } => NodeError::Path(source),
+                    // A path no file can have is a malformed request, not a missing volume.
+                    PathError::Empty { .. } | PathError::Nul { .. } | PathError::TooLong { .. } => {
+                        NodeError::Path(source)
+                    }
                     _ => NodeError::NoVolumeAt {
                         path: req.volume_path.clone(),
                         source,
@@ -383,10 +417,10 @@ impl Node for NodeService {
             if req.volume_capability.is_some() {
                 access_of(&volume_id, req.volume_capability.as_ref())?;
             }
-            let required = req
-                .capacity_range
-                .as_ref()
-                .map_or(0, |c| u64::try_from(c.required_bytes).unwrap_or(0));
+            let required = match req.capacity_range.as_ref() {
+                Some(range) => required_bytes(&volume_id, range)?,
+                None => 0,
+            };
             let guard = self.claim(&volume_id)?;
             Ok::<_, NodeError>((guard, volume_id, path, required))
         };

@@ -4,11 +4,10 @@
 //! on the blocking pool. Every function is idempotent: it first looks at what the kernel
 //! says is already there (mountinfo, stat, sysfs) and only then acts.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
-use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
 use crate::context::Bus;
@@ -17,7 +16,9 @@ use crate::discovery::{DiscoveryError, Disk};
 use crate::error::NodeError;
 use crate::fs::{FsType, Signature, probe};
 use crate::mountinfo::{MountEntry, MountTable};
-use crate::mounts::{MountOptions, bind_mount, mount_device, unmount};
+use crate::mounts::{MountOptions, bind, mount_device, remount_bind, unmount};
+use crate::paths::{Kind, PathError, Resolved, create_in, remove_in};
+use crate::state::{MountedAs, StagedBlock, StateError};
 use crate::uevent::{DiskEvents, UeventSocket};
 
 /// Mount or raw block, as the volume capability asks.
@@ -65,17 +66,11 @@ pub struct Usage {
     pub used: u64,
 }
 
-/// What NodeStage of a block volume leaves in the staging directory: a block volume needs
-/// no staging mount, but NodePublish must still be able to tell "staged" from "not staged"
-/// and which disk was staged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StagedBlock {
-    pub volume_id: String,
-    pub serial: String,
-    pub bus: Option<Bus>,
-}
-
-pub const STAGED_BLOCK_FILE: &str = "kubevirt-csi-block.json";
+/// Where earlier versions kept a staged block volume's record: in the staging directory.
+/// Never read any more (for a filesystem volume that directory is the tenant's filesystem);
+/// only removed from a block volume's unmounted staging directory on unstage, so kubelet
+/// can remove the directory.
+pub const LEGACY_BLOCK_FILE: &str = "kubevirt-csi-block.json";
 
 fn io_err(
     volume_id: &str,
@@ -124,93 +119,93 @@ fn discover(
     Ok(disk)
 }
 
-/// Creates a directory the CO should have created, then resolves it inside the root.
-fn ensure_dir(
-    cfg: &NodeConfig,
-    volume_id: &str,
-    field: &'static str,
-    path: &Path,
-) -> Result<PathBuf, NodeError> {
-    cfg.kubelet_root.check_ancestors(field, path)?;
-    std::fs::create_dir_all(path).map_err(io_err(volume_id, "create directory", path))?;
-    resolved(cfg, field, path)?.ok_or_else(|| NodeError::Io {
-        volume_id: volume_id.to_owned(),
-        action: "resolve",
-        path: path.to_owned(),
-        source: std::io::ErrorKind::NotFound.into(),
-    })
-}
-
-fn resolved(
-    cfg: &NodeConfig,
-    field: &'static str,
-    path: &Path,
-) -> Result<Option<PathBuf>, NodeError> {
-    Ok(cfg.kubelet_root.resolve_existing(field, path)?)
+fn state_err(volume_id: &str) -> impl FnOnce(StateError) -> NodeError {
+    let volume_id = volume_id.to_owned();
+    move |source| NodeError::State { volume_id, source }
 }
 
 fn describe(m: &MountEntry) -> String {
     format!("{} ({}, {})", m.source, m.fs_type, m.devno)
 }
 
-/// NodeStage: find the disk, format it if (and only if) it is blank, mount it.
+/// A symlink where the CO must give a directory or file: refused, never followed.
+fn no_symlink(field: &'static str, path: &Path, r: &Resolved) -> Result<(), NodeError> {
+    match r.kind {
+        Kind::Symlink => Err(PathError::Symlink {
+            field,
+            path: path.to_owned(),
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// NodeStage: find the disk, format it if (and only if) it is blank, mount it. Nothing
+/// inside the staging directory is read: whether the volume is staged comes from mountinfo
+/// and the plugin's own records.
 pub fn stage(cfg: &NodeConfig, req: &Stage) -> Result<(), NodeError> {
     let disk = discover(cfg, &req.volume_id, &req.serial, req.bus)?;
-    let staging = ensure_dir(
-        cfg,
-        &req.volume_id,
-        "staging_target_path",
-        &req.staging_path,
-    )?;
+    let staging = cfg
+        .kubelet_root
+        .create_dir_all("staging_target_path", &req.staging_path)?;
     let table = MountTable::read()?;
-    let mounted = table.top_at(&staging);
-    let marker = read_staged_block(&req.volume_id, &staging)?;
+    let mounted = table.top_at(&staging.real);
+    let record = cfg
+        .state
+        .staged_block(&staging.real)
+        .map_err(state_err(&req.volume_id))?;
     let expected = || format!("{} ({})", disk.dev_path.display(), disk.devno);
     match &req.access {
         Access::Block => {
             if let Some(m) = mounted {
                 return Err(NodeError::DifferentDevice {
                     volume_id: req.volume_id.clone(),
-                    path: staging,
+                    path: staging.real.clone(),
                     found: describe(m),
                     expected: "no mount (block volume)".into(),
                 });
             }
-            match marker {
+            match record {
                 Some(old) if old.serial == req.serial => Ok(()),
                 Some(old) => Err(NodeError::DifferentDevice {
                     volume_id: req.volume_id.clone(),
-                    path: staging,
+                    path: staging.real.clone(),
                     found: format!("staged block disk with serial {}", old.serial),
                     expected: expected(),
                 }),
-                None => write_staged_block(
-                    &req.volume_id,
-                    &staging,
-                    &StagedBlock {
+                None => cfg
+                    .state
+                    .put_staged_block(&StagedBlock {
+                        staging_path: staging.real.clone(),
                         volume_id: req.volume_id.clone(),
                         serial: req.serial.clone(),
                         bus: req.bus,
-                    },
-                ),
+                    })
+                    .map_err(state_err(&req.volume_id)),
             }
         }
         Access::Mount { fs, options } => {
+            let ours = MountedAs::Filesystem {
+                devno: disk.devno,
+                root: PathBuf::from("/"),
+            };
             if let Some(m) = mounted {
                 if m.devno == disk.devno {
-                    return Ok(());
+                    // This volume's disk, at the path the CO gave for it: ours to record
+                    // if a crash (or an earlier version) left it unrecorded.
+                    return ensure_recorded(cfg, &req.volume_id, &staging.real, ours);
                 }
                 return Err(NodeError::DifferentDevice {
                     volume_id: req.volume_id.clone(),
-                    path: staging,
+                    path: staging.real.clone(),
                     found: describe(m),
                     expected: expected(),
                 });
             }
-            if marker.is_some() {
+            if record.is_some() {
                 return Err(NodeError::Incompatible {
                     volume_id: req.volume_id.clone(),
-                    path: staging,
+                    path: staging.real.clone(),
                     reason: "as a block volume".into(),
                 });
             }
@@ -251,44 +246,35 @@ pub fn stage(cfg: &NodeConfig, req: &Stage) -> Result<(), NodeError> {
             if req.read_only {
                 options.flags.insert(MsFlags::MS_RDONLY);
             }
-            mount_device(&disk.dev_path, &staging, fs.as_str(), &options)
+            cfg.state
+                .put_mount(&staging.real, &req.volume_id, ours)
+                .map_err(state_err(&req.volume_id))?;
+            mount_device(&disk.dev_path, &staging.proc_path(), fs.as_str(), &options)
                 .map_err(mount_err(&req.volume_id))
         }
     }
 }
 
-fn read_staged_block(volume_id: &str, staging: &Path) -> Result<Option<StagedBlock>, NodeError> {
-    let path = staging.join(STAGED_BLOCK_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| NodeError::Io {
-                volume_id: volume_id.to_owned(),
-                action: "parse",
-                path,
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(volume_id, "read", &path)(e)),
-    }
-}
-
-fn write_staged_block(
+/// Records a mount of this volume found in place (idempotent calls after a crash between
+/// mounting and recording cannot happen, since records come first; this covers mounts made
+/// by a version that did not record them).
+fn ensure_recorded(
+    cfg: &NodeConfig,
     volume_id: &str,
-    staging: &Path,
-    record: &StagedBlock,
+    path: &Path,
+    how: MountedAs,
 ) -> Result<(), NodeError> {
-    let path = staging.join(STAGED_BLOCK_FILE);
-    let tmp = staging.join(format!(".{STAGED_BLOCK_FILE}.tmp"));
-    let bytes = serde_json::to_vec(record).map_err(|e| NodeError::Io {
-        volume_id: volume_id.to_owned(),
-        action: "encode",
-        path: path.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
-    // Written aside and renamed, so a crash never leaves a half record that reads as staged.
-    std::fs::write(&tmp, bytes).map_err(io_err(volume_id, "write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(volume_id, "rename into place", &path))
+    if cfg
+        .state
+        .mount(path)
+        .map_err(state_err(volume_id))?
+        .is_some_and(|r| r.mounted_as == how)
+    {
+        return Ok(());
+    }
+    cfg.state
+        .put_mount(path, volume_id, how)
+        .map_err(state_err(volume_id))
 }
 
 /// NodePublish: bind the staged filesystem (or the disk's device node) onto the target.
@@ -297,8 +283,14 @@ pub fn publish(cfg: &NodeConfig, req: &Publish) -> Result<(), NodeError> {
         volume_id: req.volume_id.clone(),
         staging_path: req.staging_path.clone(),
     };
-    let staging =
-        resolved(cfg, "staging_target_path", &req.staging_path)?.ok_or_else(not_staged)?;
+    let staging = cfg
+        .kubelet_root
+        .open("staging_target_path", &req.staging_path)?
+        .ok_or_else(not_staged)?;
+    no_symlink("staging_target_path", &req.staging_path, &staging)?;
+    if staging.kind != Kind::Directory {
+        return Err(not_staged());
+    }
     let table = MountTable::read()?;
     let mut flags = match &req.access {
         Access::Mount { options, .. } => options.per_mount_flags(),
@@ -310,57 +302,108 @@ pub fn publish(cfg: &NodeConfig, req: &Publish) -> Result<(), NodeError> {
     match &req.access {
         Access::Mount { .. } => {
             let staged = table
-                .top_at(&staging)
+                .top_at(&staging.real)
                 .filter(|m| !m.devno.is_anonymous())
                 .ok_or_else(not_staged)?;
+            let ours = MountedAs::Filesystem {
+                devno: staged.devno,
+                root: staged.root.clone(),
+            };
             let target = prepare_target(cfg, req, true)?;
-            if let Some(m) = table.top_at(&target) {
+            if let Some(m) = table.top_at(&target.real) {
                 if m.devno != staged.devno || m.root != staged.root {
                     return Err(NodeError::DifferentDevice {
                         volume_id: req.volume_id.clone(),
-                        path: target,
+                        path: target.real.clone(),
                         found: describe(m),
                         expected: describe(staged),
                     });
                 }
-                return same_read_only(req, &target, m.mount_is_read_only());
+                same_read_only(req, &target.real, m.mount_is_read_only())?;
+                return ensure_recorded(cfg, &req.volume_id, &target.real, ours);
             }
-            bind_mount(&staging, &target, flags).map_err(mount_err(&req.volume_id))
+            cfg.state
+                .put_mount(&target.real, &req.volume_id, ours)
+                .map_err(state_err(&req.volume_id))?;
+            // The staging descriptor was opened with the staging mount in place, so it is
+            // that mount's root: exactly what gets bound.
+            bind(&staging.proc_path(), &target.proc_path()).map_err(mount_err(&req.volume_id))?;
+            apply_flags(cfg, req, target, flags)
         }
         Access::Block => {
-            let record = read_staged_block(&req.volume_id, &staging)?.ok_or_else(not_staged)?;
+            let record = cfg
+                .state
+                .staged_block(&staging.real)
+                .map_err(state_err(&req.volume_id))?
+                .ok_or_else(not_staged)?;
             if let Some(serial) = req.serial.as_deref().filter(|s| *s != record.serial) {
                 return Err(NodeError::DifferentDevice {
                     volume_id: req.volume_id.clone(),
-                    path: staging,
+                    path: staging.real.clone(),
                     found: format!("staged block disk with serial {}", record.serial),
                     expected: format!("serial {serial}"),
                 });
             }
             let disk = discover(cfg, &req.volume_id, &record.serial, record.bus)?;
+            let ours = MountedAs::Device { rdev: disk.devno };
             let target = prepare_target(cfg, req, false)?;
-            if let Some(m) = table.top_at(&target) {
-                let rdev = std::fs::metadata(&target)
-                    .ok()
-                    .filter(|md| md.file_type().is_block_device())
-                    .map(|md| DevNo::from_raw(md.rdev()));
-                if rdev != Some(disk.devno) {
+            if let Some(m) = table.top_at(&target.real) {
+                if target.rdev() != Some(disk.devno) {
                     return Err(NodeError::DifferentDevice {
                         volume_id: req.volume_id.clone(),
-                        path: target,
+                        path: target.real.clone(),
                         found: describe(m),
                         expected: format!("{} ({})", disk.dev_path.display(), disk.devno),
                     });
                 }
-                return same_read_only(req, &target, m.mount_is_read_only());
+                same_read_only(req, &target.real, m.mount_is_read_only())?;
+                return ensure_recorded(cfg, &req.volume_id, &target.real, ours);
             }
+            cfg.state
+                .put_mount(&target.real, &req.volume_id, ours)
+                .map_err(state_err(&req.volume_id))?;
             // MS_RDONLY on this bind is what the spec asks for, but the kernel does not stop
             // writes through a device node on a read-only mount; enforcing it would take
             // BLKROSET on the whole disk, which would also hit read-write publishes of the
             // same volume on this node.
-            bind_mount(&disk.dev_path, &target, flags).map_err(mount_err(&req.volume_id))
+            bind(&disk.dev_path, &target.proc_path()).map_err(mount_err(&req.volume_id))?;
+            apply_flags(cfg, req, target, flags)
         }
     }
+}
+
+/// Applies per-mount flags to a fresh bind at the target. The descriptor taken before the
+/// bind names the directory under it, so the target is resolved again to reach the new
+/// mount. If the flags cannot be applied the bind is undone, so a caller never gets a
+/// writable mount it asked to be read-only.
+fn apply_flags(
+    cfg: &NodeConfig,
+    req: &Publish,
+    before: Resolved,
+    flags: MsFlags,
+) -> Result<(), NodeError> {
+    let real = before.real.clone();
+    drop(before);
+    if flags.is_empty() {
+        return Ok(());
+    }
+    let top = cfg
+        .kubelet_root
+        .open("target_path", &req.target_path)?
+        .filter(|t| t.real == real)
+        .ok_or_else(|| NodeError::Io {
+            volume_id: req.volume_id.clone(),
+            action: "resolve the new mount at",
+            path: real.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+    if let Err(e) = remount_bind(&top.proc_path(), flags) {
+        // An open descriptor keeps a mount busy: let go of it first.
+        drop(top);
+        let _ = unmount(&real);
+        return Err(mount_err(&req.volume_id)(e));
+    }
+    Ok(())
 }
 
 fn same_read_only(req: &Publish, target: &Path, is_ro: bool) -> Result<(), NodeError> {
@@ -378,33 +421,23 @@ fn same_read_only(req: &Publish, target: &Path, is_ro: bool) -> Result<(), NodeE
     })
 }
 
-/// The SP creates the target: a directory for a filesystem, a file for a block device.
-/// The CO guarantees the parent exists.
-fn prepare_target(cfg: &NodeConfig, req: &Publish, dir: bool) -> Result<PathBuf, NodeError> {
+/// The SP creates the target: a directory for a filesystem, a file for a block device. The
+/// CO guarantees the parent exists; the entry is created in the resolved parent without
+/// following anything, then resolved itself.
+fn prepare_target(cfg: &NodeConfig, req: &Publish, dir: bool) -> Result<Resolved, NodeError> {
     let path = &req.target_path;
-    cfg.kubelet_root.check_ancestors("target_path", path)?;
-    let made = if dir {
-        std::fs::create_dir(path)
-    } else {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map(drop)
-    };
-    match made {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(&req.volume_id, "create target", path)(e)),
-    }
-    let target = resolved(cfg, "target_path", path)?.ok_or_else(|| {
+    let (parent, name) = cfg.kubelet_root.open_parent("target_path", path)?;
+    create_in(&parent, &name, dir)
+        .map_err(|e| io_err(&req.volume_id, "create target", path)(e.into()))?;
+    let target = cfg.kubelet_root.open("target_path", path)?.ok_or_else(|| {
         io_err(&req.volume_id, "resolve", path)(std::io::ErrorKind::NotFound.into())
     })?;
-    let is_dir = target.is_dir();
+    no_symlink("target_path", path, &target)?;
+    let is_dir = target.kind == Kind::Directory;
     if is_dir != dir {
         return Err(NodeError::Incompatible {
             volume_id: req.volume_id.clone(),
-            path: target,
+            path: target.real.clone(),
             reason: if is_dir {
                 "as a directory (filesystem volume)".into()
             } else {
@@ -415,35 +448,42 @@ fn prepare_target(cfg: &NodeConfig, req: &Publish, dir: bool) -> Result<PathBuf,
     Ok(target)
 }
 
-/// A mount this plugin could have made at `path`: a disk filesystem we format, or a
-/// device node bound onto a file. Anything else (tmpfs, overlay, NFS...) is someone else's.
-fn check_ours(volume_id: &str, path: &Path, m: &MountEntry) -> Result<(), NodeError> {
-    let disk_fs = !m.devno.is_anonymous() && FsType::from_mount(&m.fs_type).is_some();
-    let device_bind = std::fs::metadata(path)
-        .map(|md| md.file_type().is_block_device())
-        .unwrap_or(false);
-    if disk_fs || device_bind {
-        return Ok(());
-    }
-    Err(NodeError::NotOurs {
-        volume_id: volume_id.to_owned(),
-        path: path.to_owned(),
-        fs_type: m.fs_type.clone(),
-        source_desc: m.source.clone(),
-    })
-}
-
-/// Unmounts every mount of ours stacked at exactly `path` (a retried publish can leave
-/// two); mounts at parents of `path` are never touched.
-fn unmount_all(volume_id: &str, path: &Path) -> Result<(), NodeError> {
+/// Unmounts every mount stacked at exactly `path` (a retried publish can leave two) as long
+/// as it is the one this plugin recorded there; mounts at parents of `path` are never
+/// touched, and an unrecorded mount is left in place and reported.
+fn unmount_recorded(
+    cfg: &NodeConfig,
+    volume_id: &str,
+    field: &'static str,
+    path: &Path,
+) -> Result<(), NodeError> {
     // Bounded so a mount that keeps coming back cannot spin us forever.
     for _ in 0..16 {
-        let table = MountTable::read()?;
-        let Some(m) = table.top_at(path) else {
+        let Some(at) = cfg.kubelet_root.open(field, path)? else {
             return Ok(());
         };
-        check_ours(volume_id, path, m)?;
-        unmount(path).map_err(mount_err(volume_id))?;
+        let table = MountTable::read()?;
+        let Some(top) = table.top_at(&at.real) else {
+            return cfg
+                .state
+                .remove_mount(&at.real)
+                .map_err(state_err(volume_id));
+        };
+        let record = cfg.state.mount(&at.real).map_err(state_err(volume_id))?;
+        if !record.is_some_and(|r| r.matches(top, at.rdev())) {
+            return Err(NodeError::NotOurs {
+                volume_id: volume_id.to_owned(),
+                path: at.real.clone(),
+                fs_type: top.fs_type.clone(),
+                source_desc: top.source.clone(),
+            });
+        }
+        // umount2 cannot act on a descriptor (an open one keeps the mount busy), so this
+        // is by name: the kernel's own name for what was just checked, never following a
+        // final symlink.
+        let real = at.real.clone();
+        drop(at);
+        unmount(&real).map_err(mount_err(volume_id))?;
     }
     Err(NodeError::Io {
         volume_id: volume_id.to_owned(),
@@ -453,68 +493,81 @@ fn unmount_all(volume_id: &str, path: &Path) -> Result<(), NodeError> {
     })
 }
 
-/// NodeUnpublish: unmount the target and delete it.
+/// NodeUnpublish: unmount the target (only what this plugin mounted there) and delete it.
+/// A target that is gone is success; a symlink there (dangling or not) is not a volume of
+/// ours and is removed as the target without being followed.
 pub fn unpublish(cfg: &NodeConfig, volume_id: &str, target: &Path) -> Result<(), NodeError> {
-    let Some(real) = resolved(cfg, "target_path", target)? else {
-        // Gone already (or a dangling symlink): idempotent success, but do not leave a
-        // dangling link we may have made behind.
-        return match std::fs::symlink_metadata(target) {
-            Ok(_) => std::fs::remove_file(target).map_err(io_err(volume_id, "remove", target)),
-            Err(_) => Ok(()),
-        };
+    let (parent, name) = match cfg.kubelet_root.open_parent("target_path", target) {
+        Ok(found) => found,
+        // No parent, no target: already unpublished.
+        Err(PathError::NoParent { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
     };
-    unmount_all(volume_id, &real)?;
-    let removed = if real.is_dir() {
-        std::fs::remove_dir(&real)
-    } else {
-        std::fs::remove_file(&real)
+    let remove = |dir: bool| {
+        remove_in(&parent, &name, dir)
+            .map_err(|e| io_err(volume_id, "remove target", target)(e.into()))
     };
-    match removed {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(volume_id, "remove target", &real)(e)),
+    match cfg.kubelet_root.open("target_path", target)? {
+        None => return Ok(()),
+        Some(t) if t.kind == Kind::Symlink => return remove(false),
+        Some(_) => {}
+    }
+    unmount_recorded(cfg, volume_id, "target_path", target)?;
+    match cfg.kubelet_root.open("target_path", target)? {
+        None => Ok(()),
+        Some(t) => remove(t.kind == Kind::Directory),
     }
 }
 
-/// NodeUnstage: unmount the staging path and forget a staged block volume. The staging
-/// directory itself belongs to the CO and stays.
+/// NodeUnstage: unmount the staging path (only what this plugin mounted there) and forget a
+/// staged block volume. The staging directory itself belongs to the CO and stays.
 pub fn unstage(cfg: &NodeConfig, volume_id: &str, staging: &Path) -> Result<(), NodeError> {
-    let Some(real) = resolved(cfg, "staging_target_path", staging)? else {
-        return Ok(());
+    let real = match cfg.kubelet_root.open("staging_target_path", staging)? {
+        Some(s) if s.kind == Kind::Directory => s.real.clone(),
+        // Missing, or not a directory (a symlink, say): nothing of ours is staged there.
+        _ => return Ok(()),
     };
-    unmount_all(volume_id, &real)?;
-    let marker = real.join(STAGED_BLOCK_FILE);
-    match std::fs::remove_file(&marker) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(volume_id, "remove", &marker)(e)),
+    unmount_recorded(cfg, volume_id, "staging_target_path", staging)?;
+    cfg.state
+        .remove_staged_block(&real)
+        .map_err(state_err(volume_id))?;
+    // Nothing is mounted there any more, so this directory is the CO's, not a volume.
+    if let Some(dir) = cfg.kubelet_root.open("staging_target_path", staging)?
+        && dir.kind == Kind::Directory
+        && MountTable::read()?.top_at(&dir.real).is_none()
+    {
+        remove_in(&dir, OsStr::new(LEGACY_BLOCK_FILE), false)
+            .map_err(|e| io_err(volume_id, "remove", &real.join(LEGACY_BLOCK_FILE))(e.into()))?;
     }
+    Ok(())
 }
 
 /// What a volume path points at: a filesystem mount or a bound device node.
 enum Published {
-    Filesystem { path: PathBuf, mount: MountEntry },
-    Block { path: PathBuf, devno: DevNo },
+    Filesystem { at: Resolved, mount: MountEntry },
+    Block { at: Resolved, devno: DevNo },
 }
 
 fn published(cfg: &NodeConfig, volume_path: &Path) -> Result<Published, NodeError> {
     let not_a_volume = || NodeError::NotAVolume {
         path: volume_path.to_owned(),
     };
-    let path = resolved(cfg, "volume_path", volume_path)?.ok_or_else(not_a_volume)?;
+    let at = match cfg.kubelet_root.open("volume_path", volume_path) {
+        Ok(Some(at)) if at.kind != Kind::Symlink => at,
+        Ok(_) => return Err(not_a_volume()),
+        // A path that cannot be resolved inside the root cannot hold a volume of ours.
+        Err(e) if e.is_request_error() => return Err(not_a_volume()),
+        Err(e) => return Err(e.into()),
+    };
     let table = MountTable::read()?;
-    let mount = table.top_at(&path).ok_or_else(not_a_volume)?.clone();
-    let meta = std::fs::metadata(&path).map_err(|_| not_a_volume())?;
-    if meta.file_type().is_block_device() {
-        return Ok(Published::Block {
-            path,
-            devno: DevNo::from_raw(meta.rdev()),
-        });
+    let mount = table.top_at(&at.real).ok_or_else(not_a_volume)?.clone();
+    if let Some(devno) = at.rdev() {
+        return Ok(Published::Block { at, devno });
     }
     if mount.devno.is_anonymous() || FsType::from_mount(&mount.fs_type).is_none() {
         return Err(not_a_volume());
     }
-    Ok(Published::Filesystem { path, mount })
+    Ok(Published::Filesystem { at, mount })
 }
 
 /// NodeGetVolumeStats.
@@ -524,10 +577,10 @@ pub fn stats(
     volume_path: &Path,
 ) -> Result<VolumeStats, NodeError> {
     match published(cfg, volume_path)? {
-        Published::Block { path, devno } => {
-            let size = std::fs::File::open(&path)
+        Published::Block { at, devno } => {
+            let size = std::fs::File::open(at.proc_path())
                 .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
-                .map_err(io_err(volume_id, "read size of", &path))?;
+                .map_err(io_err(volume_id, "read size of", &at.real))?;
             Ok(VolumeStats {
                 bytes: Usage {
                     total: size,
@@ -537,9 +590,9 @@ pub fn stats(
                 abnormal: disk_gone(cfg, devno),
             })
         }
-        Published::Filesystem { path, mount } => {
-            let sv = nix::sys::statvfs::statvfs(&path)
-                .map_err(|e| io_err(volume_id, "statvfs", &path)(e.into()))?;
+        Published::Filesystem { at, mount } => {
+            let sv = nix::sys::statvfs::statvfs(&at.proc_path())
+                .map_err(|e| io_err(volume_id, "statvfs", &at.real)(e.into()))?;
             let frsize = sv.fragment_size();
             let bytes = Usage {
                 total: sv.blocks() * frsize,
@@ -583,10 +636,10 @@ pub fn expand(
 ) -> Result<u64, NodeError> {
     let target = published(cfg, volume_path)?;
     let (devno, path, fs) = match &target {
-        Published::Block { path, devno } => (*devno, path.clone(), None),
-        Published::Filesystem { path, mount } => (
+        Published::Block { at, devno } => (*devno, at.real.clone(), None),
+        Published::Filesystem { at, mount } => (
             mount.devno,
-            path.clone(),
+            at.real.clone(),
             FsType::from_mount(&mount.fs_type),
         ),
     };

@@ -20,6 +20,7 @@ use kubevirt_csi_node::discovery::Sysfs;
 use kubevirt_csi_node::mountinfo::MountTable;
 use kubevirt_csi_node::node_service::NodeService;
 use kubevirt_csi_node::paths::KubeletRoot;
+use kubevirt_csi_node::state::StateDir;
 use nix::mount::{MntFlags, umount2};
 
 /// Finds a tool the way the plugin does, failing the test loudly when it is missing.
@@ -133,7 +134,20 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub kubelet: PathBuf,
     pub sysfs: PathBuf,
+    pub state_dir: PathBuf,
+    pub timeout: Duration,
     pub svc: NodeService,
+}
+
+fn config(kubelet: &Path, sysfs: &Path, state_dir: &Path, timeout: Duration) -> NodeConfig {
+    NodeConfig {
+        node_id: "tenant-ns/vm-1".parse().expect("node id"),
+        kubelet_root: KubeletRoot::new(kubelet.to_owned()).with_state_dir(state_dir),
+        state: StateDir::open(state_dir, kubelet).expect("state dir"),
+        sysfs: Sysfs::new(sysfs, "/dev"),
+        discovery_timeout: timeout,
+        max_volumes_per_node: 255,
+    }
 }
 
 pub const GIB: u64 = 1 << 30;
@@ -154,21 +168,25 @@ impl Env {
         let sysfs = root.join("sys");
         std::fs::create_dir_all(&kubelet).expect("kubelet dir");
         std::fs::create_dir_all(sysfs.join("block")).expect("sysfs dir");
-        let cfg = NodeConfig {
-            node_id: "tenant-ns/vm-1".parse().expect("node id"),
-            kubelet_root: KubeletRoot::new(kubelet.clone()),
-            sysfs: Sysfs::new(&sysfs, "/dev"),
-            discovery_timeout: timeout,
-            max_volumes_per_node: 255,
-        };
+        let state_dir = root.join("state");
+        let cfg = config(&kubelet, &sysfs, &state_dir, timeout);
         Self {
             sweeper: MountSweeper(root),
             disks: Vec::new(),
             dir,
             kubelet,
             sysfs,
+            state_dir,
+            timeout,
             svc: NodeService::new(cfg),
         }
+    }
+
+    /// A node service as a restarted plugin would be: same kubelet root and sysfs, its
+    /// state read from `state_dir` (the test's own for a restart, a fresh one for the first
+    /// start of a version that records its mounts).
+    pub fn restarted(&self, state_dir: &Path) -> NodeService {
+        NodeService::new(config(&self.kubelet, &self.sysfs, state_dir, self.timeout))
     }
 
     /// A loop device that the fixture sysfs shows with `serial` (virtio-style `serial`
