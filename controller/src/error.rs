@@ -178,6 +178,11 @@ impl ControllerError {
     }
 }
 
+/// Longest status message we send. It travels in the `grpc-message` trailer, and HTTP/2
+/// peers refuse header blocks past 16 KiB: a message quoting a hostile 64 KiB id would turn
+/// our answer into the client's RESOURCE_EXHAUSTED.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
 /// The message keeps the whole source chain, so the sidecar's event shows the cause.
 impl From<ControllerError> for Status {
     fn from(err: ControllerError) -> Self {
@@ -187,6 +192,15 @@ impl From<ControllerError> for Status {
             message.push_str(": ");
             message.push_str(&s.to_string());
             source = s.source();
+        }
+        if message.len() > MAX_MESSAGE_BYTES {
+            let total = message.len();
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(&format!("… ({total} bytes, truncated)"));
         }
         Status::new(err.code(), message)
     }
@@ -267,6 +281,20 @@ mod tests {
         );
         let admission = forbidden("only dynamically provisioned pvc can be resized");
         assert!(!admission.contains("Role"), "{admission}");
+    }
+
+    #[test]
+    fn huge_messages_are_cut_on_a_char_boundary() {
+        let st: Status =
+            ControllerError::NotFound(format!("volume {} does not exist", "é".repeat(40_000)))
+                .into();
+        assert!(
+            st.message().len() < MAX_MESSAGE_BYTES + 64,
+            "{}",
+            st.message().len()
+        );
+        assert!(st.message().ends_with("bytes, truncated)"));
+        assert_eq!(st.code(), Code::NotFound);
     }
 
     #[test]

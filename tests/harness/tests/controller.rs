@@ -1281,3 +1281,292 @@ async fn vmi_only_and_declarative_hotplug() {
         .unwrap_or_default();
     assert!(!st.iter().any(|e| e["name"] == v2.as_str()), "{st:?}");
 }
+
+/// The tenant boundary against a hostile guest admin (issue 11): aliases of real ids, ids
+/// naming volumes the driver did not create, a foreign claim under our computed name, a
+/// labelled DataVolume without our marker, and impossible sizes and names. Each line here
+/// was a finding; each must leave every infra object untouched.
+#[tokio::test]
+async fn hostile_ids_and_foreign_objects_are_never_touched() {
+    use kubevirt_csi_controller::names::{disk_serial, infra_name};
+    let env = env().await;
+    let tenant = fixtures::tenant(&env.cp, "tenant-a", &[("cluster", "a")], None)
+        .await
+        .unwrap();
+    for vm in ["worker-0", "worker-1"] {
+        fixtures::worker_vm(&env.client, &tenant, vm, None)
+            .await
+            .unwrap();
+    }
+    let plugin = controller(&tenant, &[]).await;
+    let decl = controller(&tenant, &["--hotplug-mode=declarative"]).await;
+    let mut c = plugin.controller();
+    let mut d = decl.controller();
+    let single = Mode::SingleNodeWriter;
+    let (node0, node1) = ("tenant-a/worker-0", "tenant-a/worker-1");
+    let dvs: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), "tenant-a", &data_volume_resource());
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), "tenant-a", &vm_resource());
+    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(env.client.clone(), "tenant-a");
+    let vm_volumes = |vm: &DynamicObject| -> Vec<String> {
+        vm.data["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    let real = c
+        .create_volume(create_req("pvc-real", 10 * MIB, false, single, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    c.controller_publish_volume(publish_req(&real, node0, false, false))
+        .await
+        .unwrap();
+    let real_uid = dvs.get(&real).await.unwrap().metadata.uid;
+
+    // Aliases of the attached volume's id, and ids that cannot exist: Delete and Unpublish
+    // answer OK and touch nothing; everything else is NOT_FOUND.
+    let mut hostile: Vec<String> = ["?x", "#x", "/status", "/", "%2F", " ", "/../x", "\u{0}"]
+        .iter()
+        .map(|s| format!("{real}{s}"))
+        .collect();
+    hostile.extend(
+        [".", "..", "%2e%2e", "a b", "root", "ROOT", "../worker-0"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    hostile.push("v".repeat(64 * 1024));
+    for id in &hostile {
+        let shown: String = format!("{id:?}").chars().take(80).collect();
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("delete {shown}: {e:?}"));
+        c.controller_unpublish_volume(unpublish_req(id, node0))
+            .await
+            .unwrap_or_else(|e| panic!("unpublish {shown}: {e:?}"));
+        assert_eq!(
+            code(
+                c.controller_publish_volume(publish_req(id, node1, false, false))
+                    .await
+            ),
+            Code::NotFound,
+            "publish {shown}"
+        );
+        assert_eq!(
+            code(
+                c.controller_get_volume(csi::ControllerGetVolumeRequest {
+                    volume_id: id.clone()
+                })
+                .await
+            ),
+            Code::NotFound,
+            "get {shown}"
+        );
+        assert_eq!(
+            code(
+                c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 20 * MIB,
+                        limit_bytes: 0
+                    }),
+                    ..Default::default()
+                })
+                .await
+            ),
+            Code::NotFound,
+            "expand {shown}"
+        );
+        assert_eq!(
+            code(
+                c.create_snapshot(csi::CreateSnapshotRequest {
+                    name: "snap-alias".into(),
+                    source_volume_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+            ),
+            Code::NotFound,
+            "snapshot {shown}"
+        );
+        c.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("delete snapshot {shown}: {e:?}"));
+    }
+    // The attached volume survived every alias, still attached and still recorded, so a
+    // single-node volume cannot be published to a second VM.
+    let dv = dvs.get(&real).await.unwrap();
+    assert_eq!(dv.metadata.uid, real_uid);
+    assert!(dv.metadata.deletion_timestamp.is_none());
+    assert_eq!(
+        dv.metadata.annotations.as_ref().unwrap()["csi.kubevirt.io/attached-to"],
+        "worker-0"
+    );
+    assert!(vm_volumes(&vms.get("worker-0").await.unwrap()).contains(&real));
+    assert_eq!(
+        code(
+            c.controller_publish_volume(publish_req(&real, node1, false, false))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+
+    // Volumes the driver did not hotplug: the root disk, and a hotpluggable volume with our
+    // name shape but not our serial. Neither mode removes them.
+    let foreign = infra_name("kvcsi-", "someone-else");
+    let patch = serde_json::json!([
+        {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": foreign, "dataVolume": {"name": foreign, "hotpluggable": true}}},
+        {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": {"name": foreign, "disk": {"bus": "scsi"}, "serial": "not-ours"}},
+    ]);
+    vms.patch(
+        "worker-1",
+        &PatchParams::default(),
+        &Patch::<()>::Json(serde_json::from_value(patch).unwrap()),
+    )
+    .await
+    .unwrap();
+    let before = vms.get("worker-1").await.unwrap();
+    for client in [&mut c, &mut d] {
+        for id in ["root", foreign.as_str()] {
+            client
+                .controller_unpublish_volume(unpublish_req(id, node1))
+                .await
+                .unwrap_or_else(|e| panic!("unpublish {id}: {e:?}"));
+        }
+    }
+    let after = vms.get("worker-1").await.unwrap();
+    assert_eq!(
+        before.data["spec"], after.data["spec"],
+        "unpublish changed a VM spec it did not own"
+    );
+    assert_ne!(disk_serial(&foreign), "not-ours");
+
+    // A claim that is not ours under the name our next volume would get: refused at once,
+    // and no DataVolume is left behind.
+    let taken = infra_name("kvcsi-", "pvc-taken");
+    let claim: k8s_openapi::api::core::v1::PersistentVolumeClaim =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": taken},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Mi"}}}
+        }))
+        .unwrap();
+    pvcs.create(&PostParams::default(), &claim).await.unwrap();
+    assert_eq!(
+        code(
+            c.create_volume(create_req("pvc-taken", 10 * MIB, false, single, &[]))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert!(dvs.get_opt(&taken).await.unwrap().is_none());
+
+    // A tenant-labelled DataVolume the driver did not create (no marker annotation): it can
+    // be neither published, read, cloned, snapshotted nor deleted through the driver.
+    let stolen = infra_name("kvcsi-", "stolen");
+    let dv: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+        "metadata": {"name": stolen, "labels": {"cluster": "a"}},
+        "spec": {"source": {"blank": {}}, "storage": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Mi"}}}}
+    }))
+    .unwrap();
+    dvs.create(&PostParams::default(), &dv).await.unwrap();
+    assert_eq!(
+        code(
+            c.controller_publish_volume(publish_req(&stolen, node1, false, false))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: stolen.clone()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    let mut clone = create_req("pvc-clone-stolen", 10 * MIB, false, single, &[]);
+    clone.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: stolen.clone(),
+            },
+        )),
+    });
+    assert_eq!(code(c.create_volume(clone).await), Code::NotFound);
+    assert_eq!(
+        code(
+            c.create_snapshot(csi::CreateSnapshotRequest {
+                name: "snap-stolen".into(),
+                source_volume_id: stolen.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: stolen.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(dvs.get_opt(&stolen).await.unwrap().is_some());
+    let listed = c
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = listed
+        .entries
+        .iter()
+        .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.clone()))
+        .collect();
+    assert_eq!(ids, vec![real.clone()]);
+
+    // Impossible sizes are OUT_OF_RANGE; names past the spec's 128 bytes INVALID_ARGUMENT.
+    assert_eq!(
+        code(
+            c.create_volume(create_req("pvc-huge", i64::MAX, false, single, &[]))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    for name in ["n".repeat(129), "n".repeat(300 * 1024)] {
+        assert_eq!(
+            code(
+                c.create_volume(create_req(&name, 10 * MIB, false, single, &[]))
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+    }
+
+    c.controller_unpublish_volume(unpublish_req(&real, node0))
+        .await
+        .unwrap();
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: real.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(dvs.get_opt(&real).await.unwrap().is_none());
+}
