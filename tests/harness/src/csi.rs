@@ -174,7 +174,7 @@ pub fn render_infra(
     let infra =
         Path::new(&"../".repeat(up)).join(infra_abs.strip_prefix("/").unwrap_or(&infra_abs));
     let patch = serde_json::json!([{
-        "op": "replace",
+        "op": "add",
         "path": "/metadata/annotations/csi.kubevirt.io~1tenant-labels",
         "value": tenant_labels.join(","),
     }]);

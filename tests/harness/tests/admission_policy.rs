@@ -1027,6 +1027,46 @@ async fn the_infra_overlays_ship_an_enforced_policy() {
     dvs.create(&PostParams::default(), &labelled("example"))
         .await
         .expect("a DataVolume with the overlay's tenant label is admitted");
+
+    // Without the tenant labels on its ServiceAccount (an overlay that forgot them, or an
+    // admin who removed them) the controller may write nothing: the policy fails closed.
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .patch(
+            SA,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"csi.kubevirt.io/tenant-labels": null}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // The parameter reaches admission through an informer: probe with dry runs until the
+    // change is seen, then check a real delete.
+    let name = labelled("example").metadata.name.unwrap();
+    let dry_run = DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let no_labels = |r: &Result<_, kube::Error>| {
+        matches!(r, Err(kube::Error::Api(s))
+            if s.message.contains(&policy) && s.message.contains("must list the tenant labels"))
+    };
+    let mut closed = false;
+    for _ in 0..300 {
+        let r = dvs.delete(&name, &dry_run).await;
+        if no_labels(&r) {
+            closed = true;
+            break;
+        }
+        last = format!("{r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(closed, "{policy} did not fail closed: {last}");
+    let r = dvs.delete(&name, &DeleteParams::default()).await;
+    assert!(
+        no_labels(&r),
+        "deleting with no tenant labels configured: {r:?}"
+    );
 }
 
 #[track_caller]
