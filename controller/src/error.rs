@@ -178,31 +178,11 @@ impl ControllerError {
     }
 }
 
-/// Longest status message we send. It travels in the `grpc-message` trailer, and HTTP/2
-/// peers refuse header blocks past 16 KiB: a message quoting a hostile 64 KiB id would turn
-/// our answer into the client's RESOURCE_EXHAUSTED.
-const MAX_MESSAGE_BYTES: usize = 2048;
-
-/// The message keeps the whole source chain, so the sidecar's event shows the cause.
+/// The message keeps the whole source chain, so the sidecar's event shows the cause, bounded
+/// so it fits the gRPC trailer whatever id the caller sent.
 impl From<ControllerError> for Status {
     fn from(err: ControllerError) -> Self {
-        let mut message = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        if message.len() > MAX_MESSAGE_BYTES {
-            let total = message.len();
-            let mut cut = MAX_MESSAGE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str(&format!("… ({total} bytes, truncated)"));
-        }
-        Status::new(err.code(), message)
+        Status::new(err.code(), kubevirt_csi_common::status_message(&err))
     }
 }
 
@@ -289,7 +269,7 @@ mod tests {
             ControllerError::NotFound(format!("volume {} does not exist", "é".repeat(40_000)))
                 .into();
         assert!(
-            st.message().len() < MAX_MESSAGE_BYTES + 64,
+            st.message().len() < kubevirt_csi_common::MAX_STATUS_MESSAGE + 64,
             "{}",
             st.message().len()
         );
