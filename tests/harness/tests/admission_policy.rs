@@ -7,8 +7,7 @@
 //! requests by a cluster admin are admitted: the policy binds the controller only.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
@@ -934,29 +933,19 @@ async fn the_infra_overlays_ship_an_enforced_policy() {
         .create(&PostParams::default(), &namespace)
         .await
         .unwrap();
-    // kubectl apply, as an infra admin would (server-side, the admin kubeconfig).
-    let yaml: String = objects
-        .iter()
-        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
-        .collect();
-    let mut child = Command::new(&kubectl)
-        .args(["apply", "--server-side", "-f", "-", "--kubeconfig"])
+    // `kubectl apply -k`, exactly as deploy/README.md tells the infra admin (client-side
+    // apply; kustomize's namespace on the cluster-scoped policy objects is dropped).
+    let applied = Command::new(&kubectl)
+        .arg("apply")
+        .arg("-k")
+        .arg(repo_root().join("deploy/overlays/tenant/infra"))
+        .arg("--kubeconfig")
         .arg(cp.kubeconfig_path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let applied = child.wait_with_output().unwrap();
     assert!(
         applied.status.success(),
-        "kubectl apply of the tenant overlay: {}",
+        "kubectl apply -k deploy/overlays/tenant/infra: {}",
         String::from_utf8_lossy(&applied.stderr)
     );
     // Re-applying through the harness is a no-op for these objects; it proves the harness
