@@ -100,7 +100,7 @@ async fn grant_wide_role(admin: &kube::Client, sa_ns: &str, ns: &str) {
         "metadata": {"name": "too-wide", "namespace": ns},
         "rules": [
             {"apiGroups": ["cdi.kubevirt.io"], "resources": ["datavolumes"], "verbs": ["*"]},
-            {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["*"]},
+            {"apiGroups": [""], "resources": ["persistentvolumeclaims", "persistentvolumeclaims/status"], "verbs": ["*"]},
             {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"], "verbs": ["*"]},
             {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines", "virtualmachineinstances"], "verbs": ["*"]}
         ]
@@ -390,6 +390,17 @@ async fn storage_writes_only_on_the_tenants_driver_objects() {
             )
             .await,
         "must carry the tenant labels",
+    );
+    refused(
+        "writing our claim's status",
+        env.pvcs(false)
+            .patch_status(
+                "kvcsi-ours",
+                &PatchParams::default(),
+                &merge(json!({"status": {"capacity": {"storage": "100Gi"}}})),
+            )
+            .await,
+        "may not write persistentvolumeclaims/status",
     );
     refused(
         "moving our claim to another tenant",
