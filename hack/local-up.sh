@@ -5,7 +5,14 @@
 #
 # Usage: hack/local-up.sh        build what is needed, run in the foreground until Ctrl-C
 #        hack/local-up.sh -d     same, detached: returns once ready (pid in _output/local/)
-#        hack/local-up.sh down   stop a detached stack and check nothing of it is left
+#        hack/local-up.sh demo   on a running stack: deploy/example through the whole flow,
+#                                step by step with timings, then clean up (non-zero on failure)
+#        hack/local-up.sh status what is running, its endpoints and log files
+#        hack/local-up.sh down   stop the stack and check nothing of it is left
+#
+# Once up, `source _output/local/env` puts the kubectl this project builds (no system kubectl
+# needed) and the workspace binaries (kvcsi-guest-exec) on PATH, points KUBECONFIG at the guest
+# cluster and INFRA_KUBECONFIG at the infra cluster.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$KVCSI_ROOT"
@@ -13,14 +20,23 @@ cd "$KVCSI_ROOT"
 out="$KVCSI_ROOT/_output/local"
 pidfile="$out/local-up.pid"
 logfile="$out/local-up.log"
+envfile="$out/env"
+bin="$KVCSI_ROOT/target/debug/kvcsi-local-up"
 mkdir -p "$out"
 
 # Processes of a run carry its scratch directories (…/kvcsi-harness/<pid>-N-…) in their
 # command lines: that is how leftovers are recognised.
 leftovers() { pgrep -f "kvcsi-harness/$1-" || true; }
 
+running_pid() {
+  [ -f "$pidfile" ] || return 1
+  local pid; pid=$(cat "$pidfile")
+  kill -0 "$pid" 2>/dev/null || return 1
+  echo "$pid"
+}
+
 down() {
-  [ -f "$pidfile" ] || { log "no $pidfile: nothing to stop"; return 0; }
+  [ -f "$pidfile" ] || { log "no $pidfile: nothing to stop"; rm -f "$envfile"; return 0; }
   local pid; pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null; then
     log "stopping kvcsi-local-up (pid $pid)"
@@ -42,48 +58,156 @@ down() {
     left=$(leftovers "$pid")
     [ -z "$left" ] || die "processes of run $pid survive: $(echo $left)"
   fi
-  rm -f "$pidfile" "$out/ready" "$out/infra.kubeconfig" "$out/guest.kubeconfig"
+  rm -f "$pidfile" "$out/ready" "$out/infra.kubeconfig" "$out/guest.kubeconfig" "$out/stack.env" "$envfile"
   log "stopped; no processes of run $pid left"
 }
 
 build() {
-  stage tools "$KVCSI_ROOT/hack/tools.sh" all >&2
+  # A cold run builds kubernetes, the sidecars and KubeVirt from Go modules (about 25 minutes
+  # on 2 cores, see README); the heartbeat shows it is alive between tools.sh's own lines.
+  stage tools heartbeat "$KVCSI_ROOT/hack/tools.sh" all >&2
   stage crds "$KVCSI_ROOT/hack/crds.sh" >&2
   stage guest "$KVCSI_ROOT/hack/guest.sh" >/dev/null
   stage cargo cargo build --workspace --bins --locked >&2
 }
 
+# The shell side of a running stack: the pinned kubectl and the workspace binaries first on
+# PATH, both kubeconfigs, and what the binary wrote about the stack (agent address, ...).
+write_env() {
+  local kubectl_dir; kubectl_dir=$(dirname "$KUBECTL")
+  [ -x "$kubectl_dir/kubectl" ] || die "no kubectl in $kubectl_dir (hack/tools.sh k8s builds it)"
+  {
+    echo "# source _output/local/env: the local kubevirt-csi stack (written by hack/local-up.sh)."
+    echo "# kubectl $K8S_VERSION is the one hack/tools.sh built; kvcsi-guest-exec runs commands in the worker VM."
+    printf 'export PATH=%q:%q:"$PATH"\n' "$kubectl_dir" "$KVCSI_ROOT/target/debug"
+    printf 'export KUBECONFIG=%q\n' "$out/guest.kubeconfig"
+    printf 'export INFRA_KUBECONFIG=%q\n' "$out/infra.kubeconfig"
+    cat "$out/stack.env"
+  } >"$envfile.tmp"
+  mv "$envfile.tmp" "$envfile"
+}
+
+# What to type next. Every line is also in README.md's "Trying it locally", which
+# hack/local-up-test.sh runs on a PATH without a system kubectl.
+print_next() {
+  cat <<'EOF'
+next:
+  source _output/local/env
+  hack/local-up.sh demo
+  hack/local-up.sh status
+  kubectl get nodes,storageclasses,csidrivers
+  kubectl --kubeconfig "$INFRA_KUBECONFIG" -n tenant-a get vm,vmi
+  hack/local-up.sh down
+EOF
+}
+
+# wait_ready PID: until the binary writes $out/ready, or fail with its log if it exits first.
+wait_ready() {
+  local pid=$1
+  while [ ! -f "$out/ready" ]; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rm -f "$pidfile"
+      tail -40 "$logfile" >&2
+      die "kvcsi-local-up exited before it was ready (log: $logfile)"
+    fi
+    sleep 0.2
+  done
+}
+
+status() {
+  local pid
+  if ! pid=$(running_pid); then
+    echo "not running (no live pid in $pidfile)"
+    [ ! -f "$envfile" ] || echo "stale $envfile left from a run that did not stop cleanly: hack/local-up.sh down"
+    return 3
+  fi
+  if [ ! -f "$out/stack.env" ]; then
+    echo "kvcsi-local-up pid $pid is starting (log: $logfile)"
+    return 0
+  fi
+  # shellcheck disable=SC1091
+  . "$out/stack.env"
+  eval "$("$KVCSI_ROOT/hack/tools.sh" --env)"
+  local since; since=$(ps -o lstart= -p "$pid" | sed 's/  */ /g')
+  echo "kubevirt-csi local stack: kvcsi-local-up pid $pid, started $since, ready in $(cat "$out/ready" 2>/dev/null || echo ?)s"
+  echo
+  echo "processes:"
+  ps -o pid=,etime=,rss=,comm= -p "$pid" | awk '{printf "  %-7s %-10s %6d MiB  %s\n", $1, $2, $3/1024, $4}'
+  local p
+  for p in $(leftovers "$pid"); do
+    ps -o pid=,etime=,rss=,comm= -p "$p" 2>/dev/null | awk '{printf "  %-7s %-10s %6d MiB  %s\n", $1, $2, $3/1024, $4}'
+  done
+  echo "  (the node plugin runs inside the VM, under qemu pid $KVCSI_QEMU_PID)"
+  echo
+  echo "endpoints:"
+  local ready
+  ready=$("$KUBECTL" --kubeconfig "$out/infra.kubeconfig" get --raw /readyz 2>&1 | tail -1) || true
+  echo "  infra apiserver   $KVCSI_INFRA_SERVER  (readyz: $ready; INFRA_KUBECONFIG=$out/infra.kubeconfig)"
+  ready=$("$KUBECTL" --kubeconfig "$out/guest.kubeconfig" get --raw /readyz 2>&1 | tail -1) || true
+  echo "  guest apiserver   $KVCSI_GUEST_SERVER  (readyz: $ready; KUBECONFIG=$out/guest.kubeconfig)"
+  echo "  controller        unix://$KVCSI_CONTROLLER_SOCKET  (infra namespace $KVCSI_INFRA_NAMESPACE)"
+  echo "  node plugin       $KVCSI_NODE_ENDPOINT  (inside worker VM $KVCSI_WORKER_VM, guest node $KVCSI_GUEST_NODE; kubelet root $KVCSI_KUBELET_ROOT)"
+  echo "  guest agent       $KVCSI_GUEST_AGENT  (kvcsi-guest-exec -- <command> runs it in the VM)"
+  echo
+  echo "logs:"
+  echo "  $logfile"
+  find "$KVCSI_STACK_DIR" "$KVCSI_INFRA_DIR" "$KVCSI_GUEST_DIR" "$KVCSI_VM_DIR" \
+    "$(dirname "$KVCSI_CONTROLLER_SOCKET")" -maxdepth 2 \
+    \( -name '*.log' -o -name 'console*' \) -type f 2>/dev/null | sort -u | sed 's/^/  /'
+}
+
+demo() {
+  running_pid >/dev/null || die "no local stack is running: start one with hack/local-up.sh -d"
+  [ -f "$envfile" ] || die "no $envfile although the stack runs; is it still starting?"
+  # The demo uses exactly what a user's shell gets from the env file.
+  # shellcheck disable=SC1090
+  . "$envfile"
+  [ -x "$bin" ] || die "no $bin: run hack/local-up.sh once to build it"
+  "$bin" demo --example deploy/example
+}
+
+mode=fg
 case "${1:-}" in
   down) down; exit 0 ;;
-  -d|"") ;;
-  *) die "usage: $0 [-d|down]" ;;
+  status) status; exit $? ;;
+  demo) demo; exit $? ;;
+  -d) mode=detached ;;
+  "") ;;
+  *) die "usage: $0 [-d|demo|status|down]" ;;
 esac
 
-if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  die "already running (pid $(cat "$pidfile")); run '$0 down' first"
+if pid=$(running_pid); then
+  die "already running (pid $pid); run '$0 down' first"
 fi
 start=$(date +%s.%N)
 build
 eval "$("$KVCSI_ROOT/hack/tools.sh" --env)"
-bin="$KVCSI_ROOT/target/debug/kvcsi-local-up"
+rm -f "$out/ready" "$out/stack.env" "$envfile"
 
-if [ "${1:-}" != "-d" ]; then
-  exec "$bin" --out "$out"
+if [ "$mode" = fg ]; then
+  # In the foreground the binary's output goes to the terminal and to the log; Ctrl-C
+  # reaches it directly, and TERM is passed on.
+  "$bin" up --out "$out" > >(tee "$logfile") 2>&1 &
+  pid=$!
+  echo "$pid" >"$pidfile"
+  trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
+  wait_ready "$pid"
+  write_env
+  print_next
+  log "env written: source _output/local/env (in another shell); Ctrl-C or hack/local-up.sh down stops the stack"
+  rc=0
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || rc=$?; done
+  rm -f "$pidfile" "$envfile"
+  exit "$rc"
 fi
 
-rm -f "$out/ready"
-setsid "$bin" --out "$out" >"$logfile" 2>&1 </dev/null &
+setsid "$bin" up --out "$out" >"$logfile" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$pidfile"
-# The binary writes $out/ready once everything is up; it offers no other signal.
-while [ ! -f "$out/ready" ]; do
-  if ! kill -0 "$pid" 2>/dev/null; then
-    rm -f "$pidfile"
-    tail -40 "$logfile" >&2
-    die "kvcsi-local-up exited before it was ready (log: $logfile)"
-  fi
-  sleep 0.2
-done
+wait_ready "$pid"
+write_env
 took=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
 sed -n '/local stack is up/,$p' "$logfile" | grep -v '^\[' | sed -n '1,/^logs:/p'
-log "detached in ${took}s (stack itself: $(cat "$out/ready")s); pid $pid in $pidfile; log $logfile; stop with: hack/local-up.sh down"
+print_next
+log "detached in ${took}s (stack itself: $(cat "$out/ready")s); pid $pid in $pidfile; log $logfile"
+log "now: source _output/local/env"

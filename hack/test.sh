@@ -15,5 +15,6 @@ stage fmt cargo fmt --all -- --check
 stage clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 stage build cargo build --workspace --all-targets --locked
 stage test cargo test --workspace --locked -- --test-threads="${KVCSI_TEST_THREADS:-2}"
+stage local-up "$KVCSI_ROOT/hack/local-up-test.sh"
 # csi-sanity with the node plugin inside a QEMU worker VM: mount and block, scsi and virtio.
 stage sanity "$KVCSI_ROOT/hack/sanity.sh" all all

@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use csi_proto::v1 as csi;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{
+    Event, EventSource, Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use sha2::Digest;
 use tonic::transport::Channel;
@@ -328,12 +331,40 @@ impl<'a> KubeletStandin<'a> {
                     Ok(volumes) => {
                         for v in &volumes {
                             tracing::info!(pod = %pod_name, pv = %v.pv, target = %v.target_path.display(), "volume staged and published");
+                            let what = if v.block {
+                                "device"
+                            } else {
+                                v.fs_type.as_str()
+                            };
+                            let message = format!(
+                                "volume {pv} ({what}) staged at {staging} and published at {target} inside worker VM {vm} by the kubelet stand-in; no container will start (no container runtime), so the pod stays Pending",
+                                pv = v.pv,
+                                staging = v.staging_path.display(),
+                                target = v.target_path.display(),
+                                vm = self.node_name,
+                            );
+                            self.record_event(&pod, EventKind::Normal, MOUNTED_REASON, &message)
+                                .await;
                         }
+                        let message = format!(
+                            "{} volume(s) staged and published by the kubelet stand-in",
+                            volumes.len()
+                        );
+                        self.set_mounted_condition(&pod, true, "StagedAndPublished", &message)
+                            .await;
                         volumes
                     }
                     Err(e) => {
                         // Not retried: recreate the pod.
                         tracing::warn!(pod = %pod_name, error = %e, "mounting volumes failed");
+                        let message = format!(
+                            "staging or publishing the pod's volumes failed: {}",
+                            chain(&e)
+                        );
+                        self.record_event(&pod, EventKind::Warning, FAILED_MOUNT_REASON, &message)
+                            .await;
+                        self.set_mounted_condition(&pod, false, FAILED_MOUNT_REASON, &message)
+                            .await;
                         Vec::new()
                     }
                 };
@@ -341,6 +372,76 @@ impl<'a> KubeletStandin<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Records an Event on `pod`, as kubelet does for volume set-up, so `kubectl describe pod`
+    /// shows that its volumes are in place although the pod itself never leaves Pending. A
+    /// failure to record is logged only: the volumes themselves are what the stand-in is for.
+    async fn record_event(&self, pod: &Pod, kind: EventKind, reason: &str, message: &str) {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let nanos = now.0.as_nanosecond();
+        let event = Event {
+            metadata: ObjectMeta {
+                // kubelet's own naming: the object's name and a unique suffix.
+                name: Some(format!("{pod_name}.{nanos:x}")),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod_name.clone()),
+                namespace: Some(ns.clone()),
+                uid: pod.metadata.uid.clone(),
+                resource_version: pod.metadata.resource_version.clone(),
+                ..Default::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            type_: Some(kind.as_str().into()),
+            source: Some(EventSource {
+                component: Some(EVENT_COMPONENT.into()),
+                host: Some(self.node_name.clone()),
+            }),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Default::default()
+        };
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = events.create(&PostParams::default(), &event).await {
+            tracing::warn!(pod = %format!("{ns}/{pod_name}"), %reason, error = %e, "cannot record event");
+        }
+    }
+
+    /// Sets the pod's [`MOUNTED_CONDITION`], so `kubectl wait --for=condition=VolumesMounted`
+    /// can wait for the volumes of a pod that, with no container runtime, never runs. Like
+    /// [`Self::record_event`], a failure is only logged.
+    async fn set_mounted_condition(&self, pod: &Pod, ok: bool, reason: &str, message: &str) {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        // Strategic merge: conditions merge by type, leaving the scheduler's alone.
+        let patch = serde_json::json!({"status": {"conditions": [{
+            "type": MOUNTED_CONDITION,
+            "status": if ok { "True" } else { "False" },
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+        }]}});
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = pods
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
+            tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "cannot set the {MOUNTED_CONDITION} condition");
+        }
     }
 
     async fn pod_volumes(
@@ -431,6 +532,46 @@ impl<'a> KubeletStandin<'a> {
             .map_err(api(format!("update node {} volumesInUse", self.node_name)))?;
         Ok(())
     }
+}
+
+/// Reason of the Event the stand-in records on a pod once a volume of it is staged and
+/// published (kubelet's name for a volume set up for a pod).
+pub const MOUNTED_REASON: &str = "SuccessfulMountVolume";
+/// Pod condition the stand-in sets once all of a pod's volumes are staged and published (True)
+/// or one of them failed (False). Not one of kubelet's: kubelet has no such condition because
+/// it goes on to start the containers, which here never happens.
+pub const MOUNTED_CONDITION: &str = "VolumesMounted";
+/// Reason of the Event recorded when staging or publishing a pod's volumes failed.
+pub const FAILED_MOUNT_REASON: &str = "FailedMount";
+/// `source.component` of the stand-in's Events.
+pub const EVENT_COMPONENT: &str = "kubelet-standin";
+
+/// Event types as Kubernetes spells them.
+#[derive(Clone, Copy, Debug)]
+enum EventKind {
+    Normal,
+    Warning,
+}
+
+impl EventKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Normal => "Normal",
+            EventKind::Warning => "Warning",
+        }
+    }
+}
+
+/// An error and its causes on one line, for an Event message.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Waits on a watch of `api` until an object satisfies `pred`; returns that object.
