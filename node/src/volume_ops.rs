@@ -250,9 +250,18 @@ pub fn stage(cfg: &NodeConfig, req: &Stage) -> Result<(), NodeError> {
                 .put_mount(&staging.real, &req.volume_id, ours)
                 .map_err(state_err(&req.volume_id))?;
             mount_device(&disk.dev_path, &staging.proc_path(), fs.as_str(), &options)
-                .map_err(mount_err(&req.volume_id))
+                .map_err(|e| forget_failed(cfg, &staging.real, mount_err(&req.volume_id)(e)))
         }
     }
+}
+
+/// Drops the record written ahead of a mount that did not happen (a record without a mount
+/// is harmless, but a later mount of the same disk there by someone else would match it).
+fn forget_failed(cfg: &NodeConfig, path: &Path, err: NodeError) -> NodeError {
+    if let Err(e) = cfg.state.remove_mount(path) {
+        tracing::warn!(path = ?path, error = %crate::error::chain(&e), "cannot remove the record of a failed mount");
+    }
+    err
 }
 
 /// Records a mount of this volume found in place (idempotent calls after a crash between
@@ -327,7 +336,8 @@ pub fn publish(cfg: &NodeConfig, req: &Publish) -> Result<(), NodeError> {
                 .map_err(state_err(&req.volume_id))?;
             // The staging descriptor was opened with the staging mount in place, so it is
             // that mount's root: exactly what gets bound.
-            bind(&staging.proc_path(), &target.proc_path()).map_err(mount_err(&req.volume_id))?;
+            bind(&staging.proc_path(), &target.proc_path())
+                .map_err(|e| forget_failed(cfg, &target.real, mount_err(&req.volume_id)(e)))?;
             apply_flags(cfg, req, target, flags)
         }
         Access::Block => {
@@ -366,7 +376,8 @@ pub fn publish(cfg: &NodeConfig, req: &Publish) -> Result<(), NodeError> {
             // writes through a device node on a read-only mount; enforcing it would take
             // BLKROSET on the whole disk, which would also hit read-write publishes of the
             // same volume on this node.
-            bind(&disk.dev_path, &target.proc_path()).map_err(mount_err(&req.volume_id))?;
+            bind(&disk.dev_path, &target.proc_path())
+                .map_err(|e| forget_failed(cfg, &target.real, mount_err(&req.volume_id)(e)))?;
             apply_flags(cfg, req, target, flags)
         }
     }
@@ -400,7 +411,9 @@ fn apply_flags(
     if let Err(e) = remount_bind(&top.proc_path(), flags) {
         // An open descriptor keeps a mount busy: let go of it first.
         drop(top);
-        let _ = unmount(&real);
+        if unmount(&real).is_ok() {
+            return Err(forget_failed(cfg, &real, mount_err(&req.volume_id)(e)));
+        }
         return Err(mount_err(&req.volume_id)(e));
     }
     Ok(())

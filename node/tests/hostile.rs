@@ -517,3 +517,37 @@ async fn records_survive_a_restart_and_earlier_versions_mounts_are_adopted_once(
         .expect("unstage an adopted mount");
     assert!(mount_at(&old_target).is_none() && mount_at(&old_staging).is_none());
 }
+
+#[tokio::test]
+async fn a_failed_mount_leaves_no_record_behind() {
+    let mut env = Env::new();
+    let d = env.add_disk("kvcsi-failed-mount", 32 * MIB);
+    let staging = env.mkdir("staging/failed");
+    // ext4 refuses an option it does not know: the mount fails after the record was written.
+    let req = stage_req(
+        "f",
+        &staging,
+        "kvcsi-failed-mount",
+        mount_cap("ext4", &["no_such_ext4_option"], Mode::SingleNodeWriter),
+    );
+    let err = env
+        .svc
+        .node_stage_volume(Request::new(req))
+        .await
+        .expect_err("mount must fail");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    // Someone else mounts that very disk there afterwards: not ours to unmount.
+    mount(
+        Some(&env.disks[d].dev),
+        &staging,
+        Some("ext4"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount by someone else");
+    assert_eq!(
+        code(unstage(&env.svc, "f", &staging).await),
+        Code::FailedPrecondition
+    );
+    assert!(mount_at(&staging).is_some());
+}
