@@ -310,6 +310,23 @@ fn start_up_errors_are_clear() {
     ]);
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&precious).expect("still there"), b"keep");
+
+    // The state directory must be a directory the plugin can create and own.
+    let err = start_fails(&[
+        "--endpoint",
+        &sock,
+        "--node-id",
+        "ns/vm",
+        "--kubelet-root",
+        dir.path().to_str().expect("utf-8"),
+        "--state-dir",
+        precious.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("cannot open the state directory") && err.contains("not-a-socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&precious).expect("still there"), b"keep");
 }
 
 /// The Python gRPC client (grpcio, installed by hack/python-grpc.sh into the cache): its
