@@ -6,7 +6,8 @@
 # Usage: hack/local-up.sh        build what is needed, run in the foreground until Ctrl-C
 #        hack/local-up.sh -d     same, detached: returns once ready (pid in _output/local/)
 #        hack/local-up.sh demo   on a running stack: deploy/example through the whole flow,
-#                                step by step with timings, then clean up (non-zero on failure)
+#                                step by step with timings, then clean up (non-zero on failure;
+#                                `demo --help` lists its options, e.g. --step-timeout)
 #        hack/local-up.sh status what is running, its endpoints and log files
 #        hack/local-up.sh down   stop the stack and check nothing of it is left
 #
@@ -163,14 +164,14 @@ demo() {
   # shellcheck disable=SC1090
   . "$envfile"
   [ -x "$bin" ] || die "no $bin: run hack/local-up.sh once to build it"
-  "$bin" demo --example deploy/example
+  "$bin" demo --example deploy/example "$@"
 }
 
 mode=fg
 case "${1:-}" in
   down) down; exit 0 ;;
   status) status; exit $? ;;
-  demo) demo; exit $? ;;
+  demo) shift; demo "$@"; exit $? ;;
   -d) mode=detached ;;
   "") ;;
   *) die "usage: $0 [-d|demo|status|down]" ;;

@@ -127,93 +127,108 @@ impl<'a> KubeletStandin<'a> {
             let pv_name = pv.metadata.name.clone().unwrap_or_default();
             let handle = csi_src.volume_handle.clone();
             self.set_in_use(&handle, true).await?;
-            let va = self.wait_attached(&pv_name).await?;
-            let attachment = va.metadata.name.clone().unwrap_or_default();
-            let publish_context: HashMap<String, String> = va
-                .status
-                .and_then(|s| s.attachment_metadata)
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            let block = pv.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
-            // kubelet's own layout: a global mount per volume for filesystems; for block, a
-            // staging directory and one device file per pod under volumeDevices.
-            let (staging, target) = if block {
-                (
-                    self.root.join(format!(
-                        "plugins/kubernetes.io/csi/volumeDevices/staging/{pv_name}"
-                    )),
-                    self.root.join(format!(
-                        "plugins/kubernetes.io/csi/volumeDevices/publish/{pv_name}/{uid}"
-                    )),
-                )
-            } else {
-                let hash = hex(&sha2::Sha256::digest(handle.as_bytes()));
-                (
-                    self.root.join(format!(
-                        "plugins/kubernetes.io/csi/{DRIVER}/{hash}/globalmount"
-                    )),
-                    self.root.join(format!(
-                        "pods/{uid}/volumes/kubernetes.io~csi/{pv_name}/mount"
-                    )),
-                )
-            };
-            let target_parent = target.parent().unwrap_or(&self.root).to_path_buf();
-            self.vm
-                .exec_ok([
-                    "mkdir".to_string(),
-                    "-p".into(),
-                    staging.display().to_string(),
-                    target_parent.display().to_string(),
-                ])
-                .await?;
-            let fs_type = csi_src.fs_type.clone().unwrap_or_else(|| "ext4".into());
-            let cap = capability(&fs_type, block);
-            let attrs: HashMap<String, String> = csi_src
-                .volume_attributes
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            let mut node = self.node.clone();
-            node.node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: handle.clone(),
-                publish_context: publish_context.clone(),
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(cap.clone()),
-                volume_context: attrs.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc("NodeStageVolume", &handle))?;
-            let mut ctx = attrs;
-            ctx.insert("csi.storage.k8s.io/pod.name".into(), name.into());
-            ctx.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
-            ctx.insert("csi.storage.k8s.io/pod.uid".into(), uid.clone());
-            ctx.insert("csi.storage.k8s.io/serviceAccount.name".into(), sa.clone());
-            ctx.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
-            node.node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: handle.clone(),
-                publish_context: publish_context.clone(),
-                staging_target_path: staging.display().to_string(),
-                target_path: target.display().to_string(),
-                volume_capability: Some(cap),
-                readonly: false,
-                volume_context: ctx,
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc("NodePublishVolume", &handle))?;
-            out.push(PodVolume {
-                pv: pv_name,
-                volume_handle: handle,
-                fs_type,
-                block,
-                staging_path: staging,
-                target_path: target,
-                publish_context,
-                attachment,
-            });
+            // A volume the stand-in gives up on is no longer in use: it does not retry, and
+            // the attach/detach controller must be free to detach it once the pod is gone.
+            let mounted: Result<PodVolume, KubeletError> = async {
+                let va = self.wait_attached(&pv_name).await?;
+                let attachment = va.metadata.name.clone().unwrap_or_default();
+                let publish_context: HashMap<String, String> = va
+                    .status
+                    .and_then(|s| s.attachment_metadata)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                let block =
+                    pv.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block");
+                // kubelet's own layout: a global mount per volume for filesystems; for block, a
+                // staging directory and one device file per pod under volumeDevices.
+                let (staging, target) = if block {
+                    (
+                        self.root.join(format!(
+                            "plugins/kubernetes.io/csi/volumeDevices/staging/{pv_name}"
+                        )),
+                        self.root.join(format!(
+                            "plugins/kubernetes.io/csi/volumeDevices/publish/{pv_name}/{uid}"
+                        )),
+                    )
+                } else {
+                    let hash = hex(&sha2::Sha256::digest(handle.as_bytes()));
+                    (
+                        self.root.join(format!(
+                            "plugins/kubernetes.io/csi/{DRIVER}/{hash}/globalmount"
+                        )),
+                        self.root.join(format!(
+                            "pods/{uid}/volumes/kubernetes.io~csi/{pv_name}/mount"
+                        )),
+                    )
+                };
+                let target_parent = target.parent().unwrap_or(&self.root).to_path_buf();
+                self.vm
+                    .exec_ok([
+                        "mkdir".to_string(),
+                        "-p".into(),
+                        staging.display().to_string(),
+                        target_parent.display().to_string(),
+                    ])
+                    .await?;
+                let fs_type = csi_src.fs_type.clone().unwrap_or_else(|| "ext4".into());
+                let cap = capability(&fs_type, block);
+                let attrs: HashMap<String, String> = csi_src
+                    .volume_attributes
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                let mut node = self.node.clone();
+                node.node_stage_volume(csi::NodeStageVolumeRequest {
+                    volume_id: handle.clone(),
+                    publish_context: publish_context.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(cap.clone()),
+                    volume_context: attrs.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("NodeStageVolume", &handle))?;
+                let mut ctx = attrs;
+                ctx.insert("csi.storage.k8s.io/pod.name".into(), name.into());
+                ctx.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
+                ctx.insert("csi.storage.k8s.io/pod.uid".into(), uid.clone());
+                ctx.insert("csi.storage.k8s.io/serviceAccount.name".into(), sa.clone());
+                ctx.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+                node.node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: handle.clone(),
+                    publish_context: publish_context.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(cap),
+                    readonly: false,
+                    volume_context: ctx,
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc("NodePublishVolume", &handle))?;
+                Ok(PodVolume {
+                    pv: pv_name,
+                    volume_handle: handle.clone(),
+                    fs_type,
+                    block,
+                    staging_path: staging,
+                    target_path: target,
+                    publish_context,
+                    attachment,
+                })
+            }
+            .await;
+            match mounted {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    if let Err(undo) = self.set_in_use(&handle, false).await {
+                        tracing::warn!(volume = %handle, error = %undo, "cannot drop the volume from volumesInUse");
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(out)
     }

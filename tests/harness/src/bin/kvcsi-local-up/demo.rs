@@ -20,7 +20,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use kube::runtime::watcher;
 use kubevirt_csi_harness::fixtures::{data_volume_resource, vmi_resource};
-use kubevirt_csi_harness::kubelet::{MOUNTED_CONDITION, MOUNTED_REASON, wait_for};
+use kubevirt_csi_harness::kubelet::{
+    FAILED_MOUNT_REASON, MOUNTED_CONDITION, MOUNTED_REASON, wait_for,
+};
 use kubevirt_csi_harness::vm::agent::AgentClient;
 use tokio::sync::oneshot;
 
@@ -358,6 +360,11 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
 
 type StepResult = Result<(), (String, BoxError)>;
 
+/// A step that found something wrong, with the step's name.
+fn fail<T>(what: &str, message: String) -> Result<T, (String, BoxError)> {
+    Err((what.to_string(), message.into()))
+}
+
 /// Attaches the step's name to its error.
 fn at<T, E: Into<BoxError>>(what: &str, r: Result<T, E>) -> Result<T, (String, BoxError)> {
     r.map_err(|e| (what.to_string(), e.into()))
@@ -487,14 +494,13 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
         .map(|c| c.volume_handle.clone())
         .unwrap_or_default();
     if handle != found.dv {
-        return Err((
-            what.into(),
+        return fail(
+            what,
             format!(
                 "PV {} has volume handle {handle:?}, not the DataVolume {}",
                 found.pv, found.dv
-            )
-            .into(),
-        ));
+            ),
+        );
     }
     steps.done_at(
         seen.at(&format!("pvc-bound/{EXAMPLE}")),
@@ -534,14 +540,13 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
     found.serial = match metadata.get("serial") {
         Some(s) => s.clone(),
         None => {
-            return Err((
-                what.into(),
+            return fail(
+                what,
                 format!(
                     "{} has no serial in its attachment metadata",
                     found.attachment
-                )
-                .into(),
-            ));
+                ),
+            );
         }
     };
     let vmis: Api<DynamicObject> = Api::namespaced_with(
@@ -558,14 +563,13 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
         })
         .cloned();
     let Some(volume_status) = volume_status else {
-        return Err((
-            what.into(),
+        return fail(
+            what,
             format!(
                 "VMI {} has no volumeStatus for {} although the attachment is attached",
                 ctx.args.vm, found.dv
-            )
-            .into(),
-        ));
+            ),
+        );
     };
     steps.done_at(
         seen.at(&format!("va-attached/{}", found.pv)),
@@ -621,11 +625,24 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
             &format!("{MOUNTED_REASON} event on pod {gns}/{EXAMPLE}"),
             move |e: &Event| {
                 e.involved_object.uid.as_deref() == Some(uid.as_str())
-                    && e.reason.as_deref() == Some(MOUNTED_REASON)
+                    && matches!(
+                        e.reason.as_deref(),
+                        Some(MOUNTED_REASON | FAILED_MOUNT_REASON)
+                    )
             },
         )
         .await,
     )?;
+    // The stand-in does not retry: a failure is final, and its message says why.
+    if event.reason.as_deref() == Some(FAILED_MOUNT_REASON) {
+        return fail(
+            what,
+            format!(
+                "the kubelet stand-in reports {FAILED_MOUNT_REASON}: {}",
+                event.message.as_deref().unwrap_or("")
+            ),
+        );
+    }
     let target = ctx
         .args
         .kubelet_root
@@ -642,20 +659,16 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
     let mounts = parse_mountinfo(&mounts);
     let dev = format!("/dev/{}", found.device);
     let Some(published) = mounts.iter().find(|m| m.point == target) else {
-        return Err((
-            what.into(),
-            format!("nothing is mounted at {target} in the VM").into(),
-        ));
+        return fail(what, format!("nothing is mounted at {target} in the VM"));
     };
     if published.source != dev || published.fstype != "ext4" {
-        return Err((
-            what.into(),
+        return fail(
+            what,
             format!(
                 "{target} holds {} ({}), not ext4 on {dev}",
                 published.source, published.fstype
-            )
-            .into(),
-        ));
+            ),
+        );
     }
     let staged: Vec<&str> = mounts
         .iter()
@@ -663,19 +676,19 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
         .map(|m| m.point.as_str())
         .collect();
     if staged.len() != 1 {
-        return Err((
-            what.into(),
-            format!("expected one staging mount of {dev}, found {staged:?}").into(),
-        ));
+        return fail(
+            what,
+            format!("expected one staging mount of {dev}, found {staged:?}"),
+        );
     }
     found.target = target.clone();
     // What a user sees: kubectl describe shows the stand-in's event on the Pending pod.
     let described = at(what, kubectl(ctx, &["describe", "pod", EXAMPLE]).await)?;
     let Some(event_line) = described.lines().find(|l| l.contains(MOUNTED_REASON)) else {
-        return Err((
-            what.into(),
-            format!("kubectl describe pod {EXAMPLE} shows no {MOUNTED_REASON} event").into(),
-        ));
+        return fail(
+            what,
+            format!("kubectl describe pod {EXAMPLE} shows no {MOUNTED_REASON} event"),
+        );
     };
     let event_line: String = event_line.split_whitespace().collect::<Vec<_>>().join(" ");
     let event_line: String = event_line.chars().take(110).collect();
@@ -735,10 +748,7 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
     )?;
     let read = at(what, ctx.agent.exec_ok(["cat", &file]).await)?;
     if read.trim_end() != PAYLOAD {
-        return Err((
-            what.into(),
-            format!("read back {read:?}, wrote {PAYLOAD:?}").into(),
-        ));
+        return fail(what, format!("read back {read:?}, wrote {PAYLOAD:?}"));
     }
     let df = at(what, ctx.agent.exec_ok(["df", "-k", &target]).await)?;
     steps.done(
@@ -795,10 +805,10 @@ async fn cleanup(ctx: &Ctx, steps: &mut Steps, found: &Found) -> StepResult {
             .iter()
             .find(|m| m.source == format!("/dev/{}", found.device))
         {
-            return Err((
-                what.into(),
-                format!("/dev/{} is still mounted at {}", found.device, m.point).into(),
-            ));
+            return fail(
+                what,
+                format!("/dev/{} is still mounted at {}", found.device, m.point),
+            );
         }
         details.push(format!(
             "/dev/{} unmounted (unpublished and unstaged)",
