@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	extv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"sigs.k8s.io/yaml"
@@ -71,6 +72,12 @@ func run(dir string) error {
 		apiServices = append(apiServices, a)
 	}
 	handlerUser := fmt.Sprintf("system:serviceaccount:%s:%s", namespace, components.HandlerServiceAccountName)
+	// Upstream sets apiVersion "v1" on these two; virt-operator's typed client never reads
+	// it, but anything applying the YAML needs the group.
+	vap := components.NewHandlerV1ValidatingAdmissionPolicy(handlerUser)
+	vap.APIVersion = admissionregistrationv1.SchemeGroupVersion.String()
+	vapBinding := components.NewHandlerV1ValidatingAdmissionPolicyBinding()
+	vapBinding.APIVersion = admissionregistrationv1.SchemeGroupVersion.String()
 	files := []struct {
 		name    string
 		objects []any
@@ -82,10 +89,7 @@ func run(dir string) error {
 			components.NewVirtAPIMutatingWebhookConfiguration(namespace),
 		}},
 		{"apiservices.yaml", apiServices},
-		{"vap.yaml", []any{
-			components.NewHandlerV1ValidatingAdmissionPolicy(handlerUser),
-			components.NewHandlerV1ValidatingAdmissionPolicyBinding(),
-		}},
+		{"vap.yaml", []any{vap, vapBinding}},
 	}
 	for _, f := range files {
 		if err := write(filepath.Join(dir, f.name), f.objects); err != nil {
