@@ -228,21 +228,14 @@ impl NodeError {
     }
 }
 
-/// The error and each of its causes, joined: gRPC carries only one message string.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut cur = err.source();
-    while let Some(src) = cur {
-        msg.push_str(": ");
-        msg.push_str(&src.to_string());
-        cur = src.source();
-    }
-    msg
-}
+/// The error and each of its causes, joined (one rule for both plugins, in the shared crate).
+pub use kubevirt_csi_common::error_chain as chain;
 
+/// gRPC carries one message string: the whole chain, bounded so that a message quoting a
+/// hostile path still fits the trailer.
 impl From<NodeError> for Status {
     fn from(err: NodeError) -> Self {
-        Status::new(err.code(), chain(&err))
+        Status::new(err.code(), kubevirt_csi_common::status_message(&err))
     }
 }
 
