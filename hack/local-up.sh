@@ -63,13 +63,26 @@ down() {
   log "stopped; no processes of run $pid left"
 }
 
+# kill_tree PID: TERM every descendant of PID, deepest first.
+kill_tree() {
+  local c
+  for c in $(pgrep -P "$1" || true); do
+    kill_tree "$c"
+    kill -TERM "$c" 2>/dev/null || true
+  done
+}
+
 build() {
+  # heartbeat runs tools.sh in the background, where a non-interactive shell ignores SIGINT
+  # (and go build keeps ignoring it): on Ctrl-C, stop the build's processes ourselves.
+  trap 'log "interrupted: stopping the build"; kill_tree $$; exit 130' INT TERM
   # A cold run builds kubernetes, the sidecars and KubeVirt from Go modules (about 25 minutes
   # on 2 cores, see README); the heartbeat shows it is alive between tools.sh's own lines.
   stage tools heartbeat "$KVCSI_ROOT/hack/tools.sh" all >&2
   stage crds "$KVCSI_ROOT/hack/crds.sh" >&2
   stage guest "$KVCSI_ROOT/hack/guest.sh" >/dev/null
   stage cargo cargo build --workspace --bins --locked >&2
+  trap - INT TERM
 }
 
 # The shell side of a running stack: the pinned kubectl and the workspace binaries first on
