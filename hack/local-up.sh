@@ -8,7 +8,7 @@
 #        hack/local-up.sh demo   on a running stack: deploy/example through the whole flow,
 #                                step by step with timings, then clean up (non-zero on failure;
 #                                `demo --help` lists its options, e.g. --step-timeout)
-#        hack/local-up.sh status what is running, its endpoints and log files
+#        hack/local-up.sh status what is running, its endpoints and log files (exit 3: none)
 #        hack/local-up.sh down   stop the stack and check nothing of it is left
 #
 # Once up, `source _output/local/env` puts the kubectl this project builds (no system kubectl

@@ -4,6 +4,9 @@
 //! use, and reports the volume in the Node's `status.volumesInUse` (which keeps the
 //! attach/detach controller from detaching a mounted volume); on pod deletion it does the
 //! reverse and then removes the pod, as kubelet does once a pod's volumes are torn down.
+//! With no container runtime a pod never leaves Pending, so [`KubeletStandin::run`] records
+//! on it what it did, where `kubectl describe pod` shows it: a `SuccessfulMountVolume` (or
+//! `FailedMount`) Event, and a `VolumesMounted` condition that `kubectl wait` can wait for.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
