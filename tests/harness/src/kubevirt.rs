@@ -582,6 +582,52 @@ async fn install_crds(client: &kube::Client, file: &Path) -> Result<(), KubeVirt
     Ok(())
 }
 
+/// CDI's other CRDs (`hack/crds.sh` provides only DataVolume), with open schemas: once the
+/// DataVolume CRD exists, virt-controller and virt-api take CDI for installed and watch CDI,
+/// CDIConfig, StorageProfile and DataSource too, and virt-controller's informers never sync
+/// without them. No CDI object is created, so virt-controller uses its default filesystem
+/// overhead as it does when it finds no CDI instance. CDI itself remains a stand-in.
+pub async fn install_cdi_companion_crds(client: &kube::Client) -> Result<(), KubeVirtError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for (kind, plural, scope) in [
+        ("CDI", "cdis", "Cluster"),
+        ("CDIConfig", "cdiconfigs", "Cluster"),
+        ("StorageProfile", "storageprofiles", "Cluster"),
+        ("DataSource", "datasources", "Namespaced"),
+    ] {
+        let name = format!("{plural}.cdi.kubevirt.io");
+        apply_value(
+            client,
+            &serde_json::json!({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": name},
+                "spec": {"group": "cdi.kubevirt.io", "scope": scope,
+                    "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
+                        "listKind": format!("{kind}List")},
+                    "versions": [{"name": "v1beta1", "served": true, "storage": true,
+                        "subresources": {"status": {}},
+                        "schema": {"openAPIV3Schema": {"type": "object",
+                            "x-kubernetes-preserve-unknown-fields": true}}}]}
+            }),
+        )
+        .await?;
+        names.push(name);
+    }
+    let waited = Duration::from_secs(30);
+    for name in names {
+        let est = await_condition(api.clone(), &name, conditions::is_crd_established());
+        if !matches!(tokio::time::timeout(waited, est).await, Ok(Ok(_))) {
+            return Err(KubeVirtError::NotReady {
+                what: format!("CRD {name}"),
+                waited,
+                detail: "not Established".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The KubeVirt CR virt-operator would own: the feature gates, and the status virt-operator
 /// writes: `phase` (only then do virt-api and virt-controller take their configuration from
 /// the CR) and `defaultArchitecture` (the VM mutator copies it into every VM, and the VMI

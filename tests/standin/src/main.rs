@@ -76,6 +76,10 @@ struct Args {
     /// How long to wait for the APIService to become Available.
     #[arg(long, env = "STANDIN_READY_TIMEOUT_SECS", default_value_t = 60)]
     ready_timeout_secs: u64,
+    /// Run only CDI, the provisioner and snapshots: no aggregated hotplug API and no VM/VMI
+    /// controllers, for beds where KubeVirt's own virt-api and virt-controller run.
+    #[arg(long, env = "STANDIN_CDI_ONLY")]
+    cdi_only: bool,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -151,22 +155,42 @@ async fn main() -> anyhow::Result<()> {
         status,
     });
 
-    let server = tokio::spawn(server::serve(
-        listener,
-        tls_config,
-        ctx.clone(),
-        args.client_ca.is_some(),
-    ));
+    let server = if args.cdi_only {
+        // Keep the listener (the ready line names it) but serve nothing on it.
+        tokio::spawn(futures::future::pending::<()>())
+    } else {
+        tokio::spawn(server::serve(
+            listener,
+            tls_config,
+            ctx.clone(),
+            args.client_ca.is_some(),
+        ))
+    };
 
     let (ready_dv, run_dv) = cdi::controller(ctx.clone());
     let (ready_pvc, run_pvc) = provisioner::controller(ctx.clone());
     let (ready_vs, run_vs) = snapshots::controller(ctx.clone());
     let (ready_vmi, run_vmi) = hotplug_controller::vmi_controller(ctx.clone());
     let (ready_vm, run_vm) = hotplug_controller::vm_controller(ctx.clone());
+    let (ready_vmi, ready_vm) = if args.cdi_only {
+        (
+            futures::future::ready(()).boxed(),
+            futures::future::ready(()).boxed(),
+        )
+    } else {
+        (ready_vmi.boxed(), ready_vm.boxed())
+    };
+    let cdi_only = args.cdi_only;
     let controllers = tokio::spawn(async move {
-        tokio::join!(run_dv, run_pvc, run_vs, run_vmi, run_vm);
+        if cdi_only {
+            tokio::join!(run_dv, run_pvc, run_vs);
+        } else {
+            tokio::join!(run_dv, run_pvc, run_vs, run_vmi, run_vm);
+        }
     });
-    registration::register(&client, &args.namespace, addr.port(), &ca_pem).await?;
+    if !args.cdi_only {
+        registration::register(&client, &args.namespace, addr.port(), &ca_pem).await?;
+    }
     let faults_api: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
     let fault_watch = tokio::spawn(faults::run(faults_api, ctx.faults.clone()));
 
@@ -184,13 +208,15 @@ async fn main() -> anyhow::Result<()> {
             t("datavolumes", ready_dv.boxed()),
             t("persistentvolumeclaims", ready_pvc.boxed()),
             t("volumesnapshots", ready_vs.boxed()),
-            t("virtualmachineinstances", ready_vmi.boxed()),
-            t("virtualmachines", ready_vm.boxed())
+            t("virtualmachineinstances", ready_vmi),
+            t("virtualmachines", ready_vm)
         )
     })
     .await
     .map_err(|_| anyhow::anyhow!("controller watches not synced after {timeout:?}"))?;
-    registration::wait_available(&client, timeout).await?;
+    if !args.cdi_only {
+        registration::wait_available(&client, timeout).await?;
+    }
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
     {
         let mut out = std::io::stdout().lock();
