@@ -459,9 +459,11 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
             format!(
                 "infra StorageClass {}, {} requested, {ANN_CSI_NAME}={csi_name}",
                 storage["storageClassName"].as_str().unwrap_or("(default)"),
-                storage["resources"]["requests"]["storage"]
-                    .as_str()
-                    .unwrap_or("-"),
+                quantity(
+                    storage["resources"]["requests"]["storage"]
+                        .as_str()
+                        .unwrap_or("-")
+                ),
             ),
         ],
     );
@@ -691,7 +693,10 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
         );
     };
     let event_line: String = event_line.split_whitespace().collect::<Vec<_>>().join(" ");
-    let event_line: String = event_line.chars().take(110).collect();
+    let event_line = match event_line.char_indices().nth(110) {
+        Some((cut, _)) => format!("{}...", &event_line[..cut]),
+        None => event_line,
+    };
     let mounted = at(
         what,
         wait_for(
@@ -727,7 +732,7 @@ async fn flow(ctx: &Ctx, seen: &Seen, steps: &mut Steps, found: &mut Found) -> S
                     .unwrap_or("-"),
             ),
             format!("kubectl describe pod {EXAMPLE} | grep {MOUNTED_REASON}"),
-            format!("  {event_line}..."),
+            format!("  {event_line}"),
         ],
     );
 
@@ -1033,6 +1038,15 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A byte count the controller wrote as plain digits, in binary units where it divides evenly.
+fn quantity(q: &str) -> String {
+    match q.parse::<u64>() {
+        Ok(b) if b > 0 && b % (1 << 30) == 0 => format!("{}Gi", b >> 30),
+        Ok(b) if b > 0 && b % (1 << 20) == 0 => format!("{}Mi", b >> 20),
+        _ => q.to_string(),
+    }
+}
+
 fn join_map(m: &BTreeMap<String, String>) -> String {
     m.iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -1043,6 +1057,14 @@ fn join_map(m: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_counts_read_in_binary_units() {
+        assert_eq!(quantity("1073741824"), "1Gi");
+        assert_eq!(quantity("67108864"), "64Mi");
+        assert_eq!(quantity("1000"), "1000");
+        assert_eq!(quantity("1Gi"), "1Gi");
+    }
 
     #[test]
     fn mountinfo_lines_give_point_type_and_source() {
