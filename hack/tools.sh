@@ -264,14 +264,21 @@ print_env() {
   echo "export KUBEVIRT_MANIFESTS='$KUBEVIRT_BIN/manifests'"
 }
 
-what=${1:-all}
-case "$what" in
-  debs) stage debs debs ;;
-  k8s) stage "kubernetes $K8S_VERSION" k8s ;;
-  sanity) stage "csi-sanity $CSI_SANITY_VERSION" sanity ;;
-  sidecars) stage "csi sidecars" sidecars ;;
-  kubevirt) stage "kubevirt $KUBEVIRT_VERSION" kubevirt ;;
-  all) stage debs debs; stage "kubernetes $K8S_VERSION" k8s; stage "csi-sanity $CSI_SANITY_VERSION" sanity; stage "csi sidecars" sidecars; stage "kubevirt $KUBEVIRT_VERSION" kubevirt ;;
-  --env) print_env ;;
-  *) die "unknown target '$what' (all|k8s|sanity|sidecars|kubevirt|debs|--env)" ;;
-esac
+# The dispatcher is one function called from the last line, followed by `exit`: bash reads a
+# script as it runs it, so an edit to this file during a long build would otherwise be read
+# from the old offset once the running command returns.
+main() {
+  local what=${1:-all}
+  case "$what" in
+    debs) stage debs debs ;;
+    k8s) stage "kubernetes $K8S_VERSION" k8s ;;
+    sanity) stage "csi-sanity $CSI_SANITY_VERSION" sanity ;;
+    sidecars) stage "csi sidecars" sidecars ;;
+    kubevirt) stage "kubevirt $KUBEVIRT_VERSION" kubevirt ;;
+    all) stage debs debs; stage "kubernetes $K8S_VERSION" k8s; stage "csi-sanity $CSI_SANITY_VERSION" sanity; stage "csi sidecars" sidecars; stage "kubevirt $KUBEVIRT_VERSION" kubevirt ;;
+    --env) print_env ;;
+    *) die "unknown target '$what' (all|k8s|sanity|sidecars|kubevirt|debs|--env)" ;;
+  esac
+}
+
+main "$@"; exit
