@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 
 use crate::guest::DRIVER;
 use crate::vm::{VmError, WorkerVm};
+use kubevirt_csi_common::error_chain as chain;
 
 /// Why the stand-in could not mount or unmount a pod's volumes.
 #[derive(Debug, thiserror::Error)]
@@ -578,18 +579,6 @@ impl EventKind {
             EventKind::Warning => "Warning",
         }
     }
-}
-
-/// An error and its causes on one line, for an Event message.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Waits on a watch of `api` until an object satisfies `pred`; returns that object.

@@ -19,6 +19,7 @@ use kube::api::{Api, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use kube::runtime::watcher;
+use kubevirt_csi_common::error_chain as chain;
 use kubevirt_csi_harness::fixtures::{data_volume_resource, vmi_resource};
 use kubevirt_csi_harness::kubelet::{
     FAILED_MOUNT_REASON, MOUNTED_CONDITION, MOUNTED_REASON, wait_for,
@@ -112,17 +113,6 @@ impl Steps {
             chain(e.as_ref()),
         );
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// When each state of the flow was first seen, by watches that run from before the apply:
