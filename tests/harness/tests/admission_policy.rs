@@ -4,7 +4,9 @@
 //! sent with a token of the controller's ServiceAccount. The controller is also granted a
 //! Role wider than the shipped one here, so every refusal below is the policy's (its message
 //! names it), not RBAC's: the policy must hold even where RBAC is too generous. The same
-//! requests by a cluster admin are admitted: the policy binds the controller only.
+//! requests by a cluster admin are admitted: the policy binds the controller only. Last,
+//! the controller's declarative hotplug runs through KubeVirt's own virt-api webhooks with
+//! the policy in force.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -19,8 +21,11 @@ use serde_json::{Value, json};
 
 use kubevirt_csi_harness::cluster::ControlPlane;
 use kubevirt_csi_harness::crds;
-use kubevirt_csi_harness::csi::{admission_policy_name, apply_rendered};
+use kubevirt_csi_harness::csi::{
+    admission_policy_name, apply_rendered, controller_token, render_infra,
+};
 use kubevirt_csi_harness::fixtures::{self, data_volume_resource, vm_resource, vmi_resource};
+use kubevirt_csi_harness::kubevirt::{GateProfile, KubeVirt, KubeVirtOptions};
 use kubevirt_csi_harness::tools::{Tools, repo_root};
 
 const NS: &str = "tenant-a";
@@ -1077,4 +1082,212 @@ fn refused_by<T: std::fmt::Debug>(policy: &str, r: Result<T, kube::Error>) {
                 .contains(&format!("ValidatingAdmissionPolicy '{policy}'")) => {}
         other => panic!("expected a refusal by {policy}, got {other:?}"),
     }
+}
+
+/// Waits (on a watch) until the VMI `name` satisfies `cond`; panics with its last state.
+async fn wait_vmi(client: &kube::Client, name: &str, what: &str, cond: fn(&Value) -> bool) {
+    let vmis: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &vmi_resource());
+    let fut = kube::runtime::wait::await_condition(
+        vmis.clone(),
+        name,
+        move |o: Option<&DynamicObject>| o.is_some_and(|o| cond(&o.data)),
+    );
+    if !matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(60), fut).await,
+        Ok(Ok(_))
+    ) {
+        let last = vmis.get_opt(name).await.ok().flatten().map(|o| o.data);
+        panic!("vmi {name} never got {what}: {last:#?}");
+    }
+}
+
+fn hotplug_phase(vmi: &Value) -> Option<&str> {
+    vmi["status"]["volumeStatus"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == "kvcsi-data-1")
+        .and_then(|s| s["phase"].as_str())
+}
+
+/// The controller's declarative hotplug on KubeVirt's own virt-api and virt-controller
+/// (`DeclarativeHotplugVolumes`): virt-api's mutating and validating webhooks run before the
+/// policy, so a webhook that rewrote anything else in the VM on the controller's patch would
+/// make the policy refuse it. The controller's token (shipped Role only) hotplugs a claim
+/// into a running worker, the volume becomes Ready, and unplugs it again; a forged change
+/// in the same way is still refused.
+#[tokio::test]
+async fn declarative_hotplug_passes_kubevirts_webhooks_and_the_policy() {
+    let cp = ControlPlane::start(Default::default())
+        .await
+        .expect("control plane");
+    let admin = cp.client().await.unwrap();
+    // No CDI CRDs here: with DataVolumes served but no CDI, virt-controller waits for CDI's
+    // other kinds and never starts a VM. So not fixtures::tenant (its enforcement probe
+    // is a DataVolume); the same rendered deploy/infra, probed with a VM patch below.
+    let _kv = KubeVirt::start(
+        &cp,
+        KubeVirtOptions {
+            profile: GateProfile::DeclarativeOnly,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("kubevirt starts: {e}"));
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let token = controller_token(&admin, NS).await.expect("token");
+    let kubectl = Tools::locate().unwrap_or_else(|e| panic!("{e}")).kubectl;
+    let rendered = render_infra(&kubectl, NS, &["cluster=a".to_string()]).expect("render");
+    apply_rendered(&admin, &rendered, "admission-test")
+        .await
+        .expect("apply deploy/infra");
+    let controller = cp
+        .client_from_kubeconfig(&user(NS), &cp.kubeconfig_with_token(&user(NS), &token))
+        .await
+        .unwrap();
+
+    // What KubeVirt needs around it: the namespace's default ServiceAccount for launcher
+    // pods (no controller-manager makes it), and a bound claim to hotplug.
+    let pp = PostParams::default();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), NS)
+        .create(&pp, &sa)
+        .await
+        .unwrap();
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "pv-kvcsi-data-1"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "hostPath": {"path": "/tmp/kvcsi-admission-data-1"},
+            "claimRef": {"namespace": NS, "name": "kvcsi-data-1"}}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(admin.clone())
+        .create(&pp, &pv)
+        .await
+        .unwrap();
+    let mut claim = pvc("kvcsi-data-1", Some("a"));
+    let spec = claim.spec.as_mut().unwrap();
+    spec.volume_name = Some("pv-kvcsi-data-1".into());
+    spec.storage_class_name = Some(String::new());
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), NS);
+    pvcs.create(&pp, &claim).await.unwrap();
+    pvcs.patch_status(
+        "kvcsi-data-1",
+        &PatchParams::default(),
+        &merge(
+            json!({"status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"],
+            "capacity": {"storage": "1Gi"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let vms: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NS, &vm_resource());
+    vms.create(&pp, &worker("worker", "a")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    eprintln!(
+        "DEBUG vm {:#?}",
+        vms.get("worker").await.unwrap().data["status"]
+    );
+    eprintln!("DEBUG vc {}", _kv.virt_controller_log_tail(40));
+    wait_vmi(&admin, "worker", "Running", |v| {
+        v["status"]["phase"] == "Running"
+    })
+    .await;
+
+    // Until a forged change is refused (dry run), the policy is not in force yet.
+    let as_controller: Api<DynamicObject> = Api::namespaced_with(controller, NS, &vm_resource());
+    let forged = json!([{"op": "replace", "path": "/spec/runStrategy", "value": "Halted"}]);
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let policy = admission_policy_name(NS);
+    let mut last = String::new();
+    let mut enforced = false;
+    for _ in 0..300 {
+        match as_controller
+            .patch("worker", &dry_run, &json_patch(forged.clone()))
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.message.contains(&policy) => {
+                enforced = true;
+                break;
+            }
+            r => last = format!("{r:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(enforced, "{policy} never refused a forged VM patch: {last}");
+
+    // The patch controller/src/attach.rs sends, with a claim as the volume source.
+    let uid = vms.get("worker").await.unwrap().metadata.uid.unwrap();
+    let params = PatchParams::default();
+    admitted(
+        "the controller's hotplug through KubeVirt's webhooks",
+        as_controller
+            .patch(
+                "worker",
+                &params,
+                &json_patch(json!([
+                    {"op": "test", "path": "/metadata/uid", "value": uid},
+                    {"op": "add", "path": format!("{VOLUMES}/-"), "value": {"name": "kvcsi-data-1",
+                        "persistentVolumeClaim": {"claimName": "kvcsi-data-1", "hotpluggable": true}}},
+                    {"op": "add", "path": format!("{DISKS}/-"), "value": hot_disk("kvcsi-data-1")}
+                ])),
+            )
+            .await,
+    );
+    wait_vmi(&admin, "worker", "kvcsi-data-1 Ready", |v| {
+        hotplug_phase(v) == Some("Ready")
+    })
+    .await;
+    refused(
+        "a forged change riding on KubeVirt's webhooks",
+        as_controller
+            .patch(
+                "worker",
+                &params,
+                &json_patch(
+                    json!([{"op": "replace", "path": "/spec/runStrategy", "value": "Halted"}]),
+                ),
+            )
+            .await,
+        "another part of the spec differs",
+    );
+
+    // The unplug: the controller's remove ops, at the indices it read.
+    let vm = vms.get("worker").await.unwrap();
+    let index = |list: &str| {
+        vm.data
+            .pointer(list)
+            .and_then(Value::as_array)
+            .and_then(|l| l.iter().position(|x| x["name"] == "kvcsi-data-1"))
+            .unwrap_or_else(|| panic!("no kvcsi-data-1 in {list}"))
+    };
+    let (v, d) = (index(VOLUMES), index(DISKS));
+    admitted(
+        "the controller's unplug through KubeVirt's webhooks",
+        as_controller
+            .patch(
+                "worker",
+                &params,
+                &json_patch(json!([
+                    {"op": "test", "path": format!("{VOLUMES}/{v}/name"), "value": "kvcsi-data-1"},
+                    {"op": "test", "path": format!("{VOLUMES}/{v}/persistentVolumeClaim/hotpluggable"), "value": true},
+                    {"op": "remove", "path": format!("{VOLUMES}/{v}")},
+                    {"op": "test", "path": format!("{DISKS}/{d}/name"), "value": "kvcsi-data-1"},
+                    {"op": "remove", "path": format!("{DISKS}/{d}")}
+                ])),
+            )
+            .await,
+    );
+    wait_vmi(&admin, "worker", "kvcsi-data-1 gone", |v| {
+        hotplug_phase(v).is_none()
+    })
+    .await;
 }
