@@ -13,14 +13,18 @@
 //!   does: `target` is the domain's device for the volume; a hotplug volume whose attachment
 //!   pod runs is `MountedToPod`, then plugged into the domain, then `Ready` once it has a
 //!   target; removed from the spec it stays `Ready` while the domain has it, is unplugged,
-//!   then `UnMountedFromPod`. The domain is bookkeeping only (no QEMU).
+//!   then `UnMountedFromPod`. The domain is bookkeeping, except for a VMI that names a QMP
+//!   socket (annotation [`QMP_SOCKET_ANNOTATION`], as the stand-in's QEMU backend reads it):
+//!   its volumes are plugged into that QEMU with the worker VM's own QMP hotplug
+//!   ([`crate::vm::disk`]), backed by the PV's file, and only then counted in the domain.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -29,7 +33,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::cluster::{ClusterError, ControlPlane};
-use crate::fixtures::vmi_resource;
+use crate::fixtures::{QMP_SOCKET_ANNOTATION, vmi_resource};
+use crate::vm::disk::DiskSlots;
+use crate::vm::{DiskBus, DiskSpec, Qmp, VmOptions};
 
 /// The label virt-handler puts on nodes it serves, and launcher pods select.
 pub const SCHEDULABLE_LABEL: &str = "kubevirt.io/schedulable";
@@ -147,6 +153,7 @@ impl NodeStandin {
         ));
         let handler_task = tokio::spawn(handler_loop(
             handler,
+            admin.clone(),
             pod_store,
             name.to_string(),
             domains.clone(),
@@ -374,6 +381,7 @@ fn chrono_now() -> String {
 
 async fn handler_loop(
     client: kube::Client,
+    admin: kube::Client,
     pods: Store<Pod>,
     node: String,
     domains: Arc<Mutex<HashMap<String, Domain>>>,
@@ -393,6 +401,7 @@ async fn handler_loop(
     // virt-handler re-queues a VMI a second after a mount check that may change; a short
     // tick does the same for every VMI here.
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let hypervisors = Hypervisors::default();
     loop {
         tokio::select! {
             ev = stream.next() => if ev.is_none() { return },
@@ -405,7 +414,15 @@ async fn handler_loop(
                 vmi.metadata.namespace.as_deref().unwrap_or_default(),
                 &ar,
             );
-            if let Err(e) = handler_sync(&api, &vmi, &pods, &domains).await {
+            let env = SyncEnv {
+                api: &api,
+                admin: &admin,
+                pods: &pods,
+                domains: &domains,
+                hypervisors: &hypervisors,
+                errors: &errors,
+            };
+            if let Err(e) = handler_sync(&env, &vmi).await {
                 record(
                     &errors,
                     format!("virt-handler stand-in, vmi {:?}: {e}", vmi.metadata.name),
@@ -459,12 +476,21 @@ fn can_update_to_unmounted(phase: &str) -> bool {
     matches!(phase, "Ready" | "MountedToPod" | "AttachedToNode")
 }
 
-async fn handler_sync(
-    api: &Api<DynamicObject>,
-    vmi: &DynamicObject,
-    pods: &Store<Pod>,
-    domains: &Mutex<HashMap<String, Domain>>,
-) -> Result<(), kube::Error> {
+/// What one pass of the virt-handler stand-in works with.
+struct SyncEnv<'a> {
+    api: &'a Api<DynamicObject>,
+    /// Reads PersistentVolumes, to find a QEMU-backed volume's file.
+    admin: &'a kube::Client,
+    pods: &'a Store<Pod>,
+    domains: &'a Mutex<HashMap<String, Domain>>,
+    hypervisors: &'a Hypervisors,
+    errors: &'a Errors,
+}
+
+async fn handler_sync(env: &SyncEnv<'_>, vmi: &DynamicObject) -> Result<(), kube::Error> {
+    let SyncEnv {
+        api, pods, domains, ..
+    } = *env;
     let key = format!(
         "{}/{}",
         vmi.metadata.namespace.as_deref().unwrap_or_default(),
@@ -525,12 +551,24 @@ async fn handler_sync(
                     .as_array()
                     .cloned()
                     .unwrap_or_default();
+                let socket = vmi
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(QMP_SOCKET_ANNOTATION))
+                    .map(PathBuf::from);
                 for s in &statuses {
                     let name = s["name"].as_str().unwrap_or_default();
                     if hot.get(name) == Some(&true)
                         && s["phase"] == "MountedToPod"
                         && !domain.contains_key(name)
                     {
+                        if let Some(socket) = &socket
+                            && let Err(e) = plug(env, socket, &key, data, &ns, name).await
+                        {
+                            record(env.errors, format!("plugging {name} into {key}: {e}"));
+                            continue;
+                        }
                         let dev = next_device(&domain, device_prefix(data, name));
                         domain.insert(name.to_string(), dev);
                     }
@@ -541,6 +579,12 @@ async fn handler_sync(
                     .cloned()
                     .collect();
                 for v in gone {
+                    if let Some(socket) = &socket
+                        && let Err(e) = unplug(env, socket, &key, &v).await
+                    {
+                        record(env.errors, format!("unplugging {v} from {key}: {e}"));
+                        continue;
+                    }
                     domain.remove(&v);
                 }
                 domains.lock().expect("domains lock").insert(key, domain);
@@ -558,6 +602,135 @@ async fn handler_sync(
         .await?;
     }
     Ok(())
+}
+
+/// A QEMU that backs VMIs naming its QMP socket (annotation [`QMP_SOCKET_ANNOTATION`]):
+/// plugging a volume is the worker VM's own `blockdev-add` + `device_add`
+/// ([`crate::vm::disk`]), with the PV's file as backing.
+struct Hypervisor {
+    qmp: Qmp,
+    slots: DiskSlots,
+}
+
+type Hypervisors = Arc<tokio::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<Hypervisor>>>>>;
+
+#[derive(Debug, thiserror::Error)]
+enum PlugError {
+    #[error("cannot reach QMP")]
+    Qmp(#[from] crate::vm::QmpError),
+    #[error(transparent)]
+    Disk(#[from] crate::vm::DiskError),
+    #[error("cannot find the volume's file")]
+    Lookup(#[from] kube::Error),
+    #[error("volume {0} has no PersistentVolumeClaim with a hostPath PersistentVolume")]
+    NoFile(String),
+}
+
+async fn hypervisor(
+    env: &SyncEnv<'_>,
+    socket: &Path,
+) -> Result<Arc<tokio::sync::Mutex<Hypervisor>>, PlugError> {
+    let mut all = env.hypervisors.lock().await;
+    if let Some(h) = all.get(socket) {
+        return Ok(h.clone());
+    }
+    let qmp = Qmp::connect(socket, Duration::from_secs(5)).await?;
+    // The worker VM's default root-port count (its `hotplug_slots`).
+    let slots = DiskSlots::new(VmOptions::new("").hotplug_slots);
+    let h = Arc::new(tokio::sync::Mutex::new(Hypervisor { qmp, slots }));
+    all.insert(socket.to_path_buf(), h.clone());
+    Ok(h)
+}
+
+/// A QEMU device id for a VMI's volume: a letter, then hex (QEMU ids stop at 24 here).
+fn device_id(vmi_key: &str, volume: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{vmi_key}/{volume}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("kv{h:016x}")
+}
+
+async fn plug(
+    env: &SyncEnv<'_>,
+    socket: &Path,
+    vmi_key: &str,
+    vmi: &Value,
+    ns: &str,
+    volume: &str,
+) -> Result<(), PlugError> {
+    let spec_volume = vmi["spec"]["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == volume))
+        .cloned()
+        .unwrap_or_default();
+    let claim = spec_volume["persistentVolumeClaim"]["claimName"]
+        .as_str()
+        .or(spec_volume["dataVolume"]["name"].as_str())
+        .ok_or_else(|| PlugError::NoFile(volume.to_string()))?;
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(env.admin.clone(), ns)
+        .get(claim)
+        .await?;
+    let pv_name = pvc
+        .spec
+        .and_then(|s| s.volume_name)
+        .ok_or_else(|| PlugError::NoFile(volume.to_string()))?;
+    let pv = Api::<PersistentVolume>::all(env.admin.clone())
+        .get(&pv_name)
+        .await?;
+    let file = pv
+        .spec
+        .and_then(|s| s.host_path)
+        .map(|h| PathBuf::from(h.path))
+        .ok_or_else(|| PlugError::NoFile(volume.to_string()))?;
+    let disk = vmi["spec"]["domain"]["devices"]["disks"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["name"] == volume))
+        .cloned()
+        .unwrap_or_default();
+    let serial = disk["serial"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| volume.chars().take(20).collect());
+    let bus = if device_prefix(vmi, volume) == "vd" {
+        DiskBus::Virtio
+    } else {
+        DiskBus::Scsi
+    };
+    let read_only = spec_volume["persistentVolumeClaim"]["readOnly"] == true;
+    let spec = DiskSpec {
+        id: device_id(vmi_key, volume),
+        file_path: file,
+        serial,
+        bus,
+        read_only,
+    };
+    let h = hypervisor(env, socket).await?;
+    let mut h = h.lock().await;
+    let Hypervisor { qmp, slots } = &mut *h;
+    slots.attach(qmp, &spec).await?;
+    Ok(())
+}
+
+async fn unplug(
+    env: &SyncEnv<'_>,
+    socket: &Path,
+    vmi_key: &str,
+    volume: &str,
+) -> Result<(), PlugError> {
+    let h = hypervisor(env, socket).await?;
+    let mut h = h.lock().await;
+    let Hypervisor { qmp, slots } = &mut *h;
+    let timeout = VmOptions::new("").unplug_timeout;
+    match slots
+        .detach(qmp, &device_id(vmi_key, volume), timeout)
+        .await
+    {
+        // A disk of the VMI's first domain (not hotplugged by us) has nothing to unplug.
+        Ok(()) | Err(crate::vm::DiskError::NotAttached(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `updateVolumeStatusesFromDomain` + `updateHotplugVolumeStatus`, with "mounted" meaning:

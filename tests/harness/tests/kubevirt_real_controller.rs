@@ -105,6 +105,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// The tenant with the shipped controller identity, its `default` ServiceAccount (pods need
 /// one; no controller-manager runs here) and a running worker VM.
 async fn tenant_with_worker(env: &Env) -> TenantFixture {
+    tenant_with_worker_on(env, None).await
+}
+
+async fn tenant_with_worker_on(env: &Env, qmp_socket: Option<&std::path::Path>) -> TenantFixture {
     let tenant = fixtures::tenant(&env.cp, NS, &[("cluster", "a")], None)
         .await
         .unwrap();
@@ -120,7 +124,7 @@ async fn tenant_with_worker(env: &Env) -> TenantFixture {
         )
         .await
         .unwrap();
-    if let Err(e) = fixtures::worker_vm(&env.client, &tenant, "worker-0", None).await {
+    if let Err(e) = fixtures::worker_vm(&env.client, &tenant, "worker-0", qmp_socket).await {
         panic!(
             "worker vm: {}\nstand-in errors: {:?}\nvirt-controller:\n{}",
             chain(&e),
@@ -268,4 +272,62 @@ async fn virt_api_refusal_reaches_the_csi_caller_as_invalid_argument() {
     eprintln!("publish answered {status:?} after {:?}", started.elapsed());
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("sata"), "{status:?}");
+}
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kvcsi-guest-agent");
+
+/// With the worker VMI backed by a real QEMU (its QMP socket named on the VMI), a publish
+/// through real virt-api and virt-controller plugs the disk into the guest, where it shows
+/// up under the serial the controller chose; unpublish takes it out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_plugs_the_disk_into_the_qemu_worker() {
+    let env = env(GateProfile::HotplugVolumes).await;
+    let vm =
+        kubevirt_csi_harness::vm::WorkerVm::boot(kubevirt_csi_harness::vm::VmOptions::new(AGENT))
+            .await
+            .unwrap_or_else(|e| panic!("worker vm boots: {}", chain(&e)));
+    let socket = vm.external_qmp_socket();
+    let tenant = tenant_with_worker_on(&env, Some(&socket)).await;
+    let plugin = controller(&tenant).await;
+    let mut c = plugin.controller();
+    let vol = c
+        .create_volume(create_req("pvc-q", "scsi"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let published = c
+        .controller_publish_volume(publish_req(&vol.volume_id, &vol.volume_context))
+        .await
+        .unwrap_or_else(|s| {
+            panic!(
+                "publish: {s:?}\nstand-in errors: {:?}",
+                env.kv.node().recent_errors()
+            )
+        })
+        .into_inner();
+    let serial = published.publish_context["serial"].clone();
+    let dev = vm
+        .wait_for_disk(&serial, std::time::Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "guest never saw serial {serial}: {}\nstand-in errors: {:?}",
+                chain(&e),
+                env.kv.node().recent_errors()
+            )
+        });
+    assert!(dev.starts_with("sd"), "scsi disk appeared as {dev}");
+
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: format!("{NS}/worker-0"),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|s| panic!("unpublish: {s:?}"));
+    vm.wait_for_disk_gone(&serial, std::time::Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("serial {serial} still in the guest: {}", chain(&e)));
 }
