@@ -1,5 +1,6 @@
 //! Stand-ins for the node side of KubeVirt, which cannot run here: a kubelet (with the
-//! scheduler's one decision) for pods, and virt-handler for VMIs.
+//! scheduler's one decision) for pods, and virt-handler for VMIs; plus the `default`
+//! ServiceAccount per namespace that kube-controller-manager would create.
 //!
 //! - **Pods**: a pod with no node whose `nodeSelector` the node's labels satisfy is bound
 //!   to the node; a bound pod becomes `Running` with every container started and ready; a
@@ -160,9 +161,11 @@ impl NodeStandin {
             changed,
             errors.clone(),
         ));
+        let service_accounts =
+            tokio::spawn(default_service_accounts(admin.clone(), errors.clone()));
         Ok(Self {
             name: name.to_string(),
-            tasks: vec![kubelet, handler_task],
+            tasks: vec![kubelet, handler_task, service_accounts],
             domains,
             errors,
         })
@@ -335,6 +338,42 @@ async fn handler_client(
     Ok(cp
         .client_from_kubeconfig(user, &cp.kubeconfig_with_token(user, &token))
         .await?)
+}
+
+/// kube-controller-manager's ServiceAccount controller, for the one thing KubeVirt's pods
+/// need from it: a `default` ServiceAccount in every namespace (pod admission refuses a pod
+/// whose ServiceAccount does not exist).
+async fn default_service_accounts(admin: kube::Client, errors: Errors) {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+    let mut stream = watcher(namespaces, watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        let Ok(ns) = ev else { continue };
+        let Some(name) = ns.metadata.name else {
+            continue;
+        };
+        if ns.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let sa: k8s_openapi::api::core::v1::ServiceAccount =
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": "default", "namespace": name}}))
+            .expect("static service account");
+        let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(admin.clone(), &name);
+        if let Err(e) = api
+            .patch(
+                "default",
+                &PatchParams::apply("kvcsi-serviceaccount-standin"),
+                &Patch::Apply(&sa),
+            )
+            .await
+        {
+            record(&errors, format!("default ServiceAccount in {name}: {e}"));
+        }
+    }
 }
 
 /// The scheduler's node filter, for the two constraints KubeVirt's pods use: `nodeSelector`

@@ -9,7 +9,6 @@ use std::time::Instant;
 use csi::volume_capability::access_mode::Mode;
 use csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi_proto::v1 as csi;
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kubevirt_csi_harness::cluster::{ControlPlane, ControlPlaneOptions};
@@ -102,26 +101,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The tenant with the shipped controller identity, its `default` ServiceAccount (pods need
-/// one; no controller-manager runs here) and a running worker VM.
+/// The tenant with the shipped controller identity and a running worker VM (the bed's
+/// stand-ins give the namespace its `default` ServiceAccount, which launcher pods need).
 async fn tenant_with_worker(env: &Env) -> TenantFixture {
     tenant_with_worker_on(env, None).await
 }
 
 async fn tenant_with_worker_on(env: &Env, qmp_socket: Option<&std::path::Path>) -> TenantFixture {
     let tenant = fixtures::tenant(&env.cp, NS, &[("cluster", "a")], None)
-        .await
-        .unwrap();
-    let sa: ServiceAccount = serde_json::from_value(
-        serde_json::json!({"metadata": {"name": "default", "namespace": NS}}),
-    )
-    .unwrap();
-    Api::<ServiceAccount>::namespaced(env.client.clone(), NS)
-        .patch(
-            "default",
-            &PatchParams::apply("kvcsi-test").force(),
-            &Patch::Apply(&sa),
-        )
         .await
         .unwrap();
     if let Err(e) = fixtures::worker_vm(&env.client, &tenant, "worker-0", qmp_socket).await {
