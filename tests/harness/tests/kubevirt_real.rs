@@ -2,7 +2,8 @@
 //! kube-apiserver, with the kubelet and virt-handler stand-ins of
 //! `kubevirt_csi_harness::kubevirt_node`: the bed comes up on both feature-gate profiles, a
 //! VM becomes a Running VMI, a hotplug through the aggregated API reaches `Ready` and goes
-//! away again, and virt-api's admission refuses a hotplug on a bus it does not allow.
+//! away again, and virt-api answers bad hotplugs with its own codes (422 for a bus or serial
+//! its admission refuses, 409 for removing a volume the VM does not have).
 
 use std::time::Duration;
 
@@ -384,14 +385,24 @@ async fn hotplug_reaches_ready_and_unplugs_with_declarative_gate_only() {
     hotplug_round_trip(GateProfile::DeclarativeOnly).await;
 }
 
-/// virt-api's own admission refuses a hot-plugged disk on the SATA bus.
+fn refusal(err: kube::Error) -> Box<kube::core::Status> {
+    match err {
+        kube::Error::Api(s) => s,
+        other => panic!("expected an API refusal, got {}", chain(&other)),
+    }
+}
+
+/// virt-api's own rules, not ours: a hot-plugged disk on the SATA bus and a serial with
+/// characters KubeVirt does not allow are refused by its admission (422), and removing a
+/// volume the VM does not have is a conflict (409), not "not found".
 #[tokio::test]
-async fn addvolume_on_sata_is_refused_by_virt_api() {
+async fn virt_api_refuses_bad_hotplugs_with_its_own_codes() {
     let (cp, kv) = bed(GateProfile::HotplugVolumes).await;
     let client = cp.client().await.unwrap();
     tenant(&client, &["data-1"]).await;
     running_vm(&kv, &client, "worker-0").await;
-    let err = vm_subresource(
+
+    let sata = vm_subresource(
         &client,
         "worker-0",
         "addvolume",
@@ -399,12 +410,31 @@ async fn addvolume_on_sata_is_refused_by_virt_api() {
     )
     .await
     .expect_err("a sata hotplug must be refused");
-    match err {
-        kube::Error::Api(s) => {
-            eprintln!("refusal: {s:?}");
-            assert_eq!(s.code, 422, "{s:?}");
-            assert!(s.message.contains("sata"), "{s:?}");
-        }
-        other => panic!("expected an API refusal, got {}", chain(&other)),
-    }
+    let s = refusal(sata);
+    assert_eq!(s.code, 422, "{s:?}");
+    assert!(s.message.contains("sata"), "{s:?}");
+
+    let mut bad_serial = add_volume("data-1", "data-1", "scsi");
+    bad_serial["disk"]["serial"] = json!("no spaces allowed");
+    let serial = vm_subresource(&client, "worker-0", "addvolume", &bad_serial)
+        .await
+        .expect_err("a serial with spaces must be refused");
+    let s = refusal(serial);
+    assert_eq!(s.code, 422, "{s:?}");
+    let on_serial = s
+        .details
+        .as_ref()
+        .is_some_and(|d| d.causes.iter().any(|c| c.field.ends_with(".serial")));
+    assert!(on_serial, "{s:?}");
+
+    let unknown = vm_subresource(
+        &client,
+        "worker-0",
+        "removevolume",
+        &json!({"name": "nope"}),
+    )
+    .await
+    .expect_err("removing an unknown volume must fail");
+    let s = refusal(unknown);
+    assert_eq!(s.code, 409, "{s:?}");
 }
