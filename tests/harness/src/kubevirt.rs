@@ -672,23 +672,6 @@ async fn install_kubevirt_cr(client: &kube::Client, gates: &[String]) -> Result<
     Ok(())
 }
 
-/// Changes the feature gates of a running bed; virt-api and virt-controller watch the CR.
-pub async fn set_feature_gates(client: &kube::Client, gates: &[&str]) -> Result<(), KubeVirtError> {
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NAMESPACE, &kubevirt_resource());
-    api.patch(
-        "kubevirt",
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"configuration": {"developerConfiguration": {"featureGates": gates}}}})),
-    )
-    .await
-    .map_err(|source| KubeVirtError::Apply {
-        what: "KubeVirt feature gates".into(),
-        source,
-    })?;
-    Ok(())
-}
-
 async fn wait_for_auth_configmap(
     client: &kube::Client,
     timeout: Duration,
