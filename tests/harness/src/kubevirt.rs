@@ -81,8 +81,8 @@ pub enum KubeVirtError {
         #[source]
         source: serde_yaml::Error,
     },
-    #[error("{file} holds a {kind}, which the bed does not know how to install")]
-    UnknownKind { file: PathBuf, kind: String },
+    #[error("{kind} {name}: the bed does not know where this kind is served")]
+    UnknownKind { kind: String, name: String },
     #[error("{file} has no {what}")]
     Malformed { file: PathBuf, what: &'static str },
     #[error("the apiserver refused {what}")]
@@ -549,8 +549,8 @@ async fn apply_value(client: &kube::Client, obj: &serde_json::Value) -> Result<(
         .to_string();
     let what = format!("{kind} {name}");
     let ar = resource_of(&api_version, &kind).ok_or_else(|| KubeVirtError::UnknownKind {
-        file: PathBuf::from("(generated)"),
         kind: kind.clone(),
+        name: name.clone(),
     })?;
     let api: Api<DynamicObject> = match obj["metadata"]["namespace"].as_str() {
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
