@@ -40,10 +40,58 @@ fn pick_owned(items: &[String]) -> BoxedStrategy<String> {
 
 /// Pieces that mean something to a URL, a path, a shell, JSON or a label validator.
 const FRAGMENTS: &[&str] = &[
-    "a", "A", "0", "-", "_", ".", "..", "/", "?", "#", "%2F", "%2f", "%00", "%", "%zz", "/status",
-    "/../", "/./", "//", " ", "\t", "\n", "\r\n", "\0", "\u{7f}", "\u{1b}[2J", "é", "ß", "\u{202e}",
-    "\u{200b}", "\u{fffd}", "💥", "Ａ", "*", ":", "\\", "\"", "'", "{}", "$(id)", ";", "&", "=",
-    ",", "~", "@", "+", "kvcsi-", "default", "kube-system", "tenant-f", "worker-0",
+    "a",
+    "A",
+    "0",
+    "-",
+    "_",
+    ".",
+    "..",
+    "/",
+    "?",
+    "#",
+    "%2F",
+    "%2f",
+    "%00",
+    "%",
+    "%zz",
+    "/status",
+    "/../",
+    "/./",
+    "//",
+    " ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\0",
+    "\u{7f}",
+    "\u{1b}[2J",
+    "é",
+    "ß",
+    "\u{202e}",
+    "\u{200b}",
+    "\u{fffd}",
+    "💥",
+    "Ａ",
+    "*",
+    ":",
+    "\\",
+    "\"",
+    "'",
+    "{}",
+    "$(id)",
+    ";",
+    "&",
+    "=",
+    ",",
+    "~",
+    "@",
+    "+",
+    "kvcsi-",
+    "default",
+    "kube-system",
+    "tenant-f",
+    "worker-0",
 ];
 
 /// Suffixes that turned a real volume name into an alias of it (query, fragment,
@@ -116,7 +164,7 @@ pub fn hostile() -> BoxedStrategy<String> {
 pub fn id_from(real: &[String]) -> BoxedStrategy<String> {
     let real = real.to_vec();
     weighted(vec![
-        (3, pick_owned(&real)),
+        (6, pick_owned(&real)),
         (
             5,
             (pick_owned(&real), pick(ALIAS_SUFFIXES))
@@ -140,56 +188,68 @@ pub fn id_from(real: &[String]) -> BoxedStrategy<String> {
 }
 
 pub fn size() -> BoxedStrategy<i64> {
-    one_of(vec![
-        Just(10 * MIB).boxed(),
-        Just(MIB).boxed(),
-        (1..64 * MIB).boxed(),
-        Just(0).boxed(),
-        Just(1).boxed(),
-        Just(-1).boxed(),
-        Just(i64::MAX).boxed(),
-        Just(i64::MAX - 1).boxed(),
-        Just(i64::MAX / 2 + 1).boxed(),
-        Just(i64::MIN).boxed(),
-        Just(1 << 40).boxed(),
-        Just(1 << 62).boxed(),
-        any::<i64>().boxed(),
+    weighted(vec![
+        (3, Just(10 * MIB).boxed()),
+        (3, Just(MIB).boxed()),
+        (3, (1..64 * MIB).boxed()),
+        (1, Just(0).boxed()),
+        (1, Just(1).boxed()),
+        (1, Just(-1).boxed()),
+        (1, Just(i64::MAX).boxed()),
+        (1, Just(i64::MAX - 1).boxed()),
+        (1, Just(i64::MAX / 2 + 1).boxed()),
+        (1, Just(i64::MIN).boxed()),
+        (1, Just(1 << 40).boxed()),
+        (1, Just(1 << 62).boxed()),
+        (1, any::<i64>().boxed()),
     ])
 }
 
 /// None, or a range whose limit is unset, equal, smaller or larger.
 pub fn capacity_range() -> BoxedStrategy<Option<csi::CapacityRange>> {
-    one_of(vec![
-        size()
-            .prop_map(|required_bytes| {
-                Some(csi::CapacityRange {
-                    required_bytes,
-                    limit_bytes: 0,
+    weighted(vec![
+        (
+            6,
+            size()
+                .prop_map(|required_bytes| {
+                    Some(csi::CapacityRange {
+                        required_bytes,
+                        limit_bytes: 0,
+                    })
                 })
-            })
-            .boxed(),
-        Just(None).boxed(),
-        (size(), size())
-            .prop_map(|(required_bytes, limit_bytes)| {
-                Some(csi::CapacityRange {
-                    required_bytes,
-                    limit_bytes,
+                .boxed(),
+        ),
+        (1, Just(None).boxed()),
+        (
+            2,
+            (size(), size())
+                .prop_map(|(required_bytes, limit_bytes)| {
+                    Some(csi::CapacityRange {
+                        required_bytes,
+                        limit_bytes,
+                    })
                 })
-            })
-            .boxed(),
+                .boxed(),
+        ),
     ])
 }
 
 fn access_mode() -> BoxedStrategy<Option<AccessMode>> {
     // 1..=7 are the spec's modes, 0 is UNKNOWN, the rest are not in the enum.
-    one_of(vec![
-        select(vec![1, 5, 2, 3, 4, 6, 7])
-            .prop_map(|mode| Some(AccessMode { mode }))
-            .boxed(),
-        Just(None).boxed(),
-        select(vec![0, -1, 8, 99, i32::MAX, i32::MIN])
-            .prop_map(|mode| Some(AccessMode { mode }))
-            .boxed(),
+    weighted(vec![
+        (
+            8,
+            select(vec![1, 5, 2, 3, 4, 6, 7])
+                .prop_map(|mode| Some(AccessMode { mode }))
+                .boxed(),
+        ),
+        (1, Just(None).boxed()),
+        (
+            1,
+            select(vec![0, -1, 8, 99, i32::MAX, i32::MIN])
+                .prop_map(|mode| Some(AccessMode { mode }))
+                .boxed(),
+        ),
     ])
 }
 
@@ -255,11 +315,14 @@ fn mount_volume() -> BoxedStrategy<AccessType> {
 
 pub fn capability() -> BoxedStrategy<csi::VolumeCapability> {
     (
-        one_of(vec![
-            Just(Some(AccessType::Mount(MountVolume::default()))).boxed(),
-            Just(Some(AccessType::Block(BlockVolume {}))).boxed(),
-            mount_volume().prop_map(Some).boxed(),
-            Just(None).boxed(),
+        weighted(vec![
+            (
+                4,
+                Just(Some(AccessType::Mount(MountVolume::default()))).boxed(),
+            ),
+            (3, Just(Some(AccessType::Block(BlockVolume {}))).boxed()),
+            (3, mount_volume().prop_map(Some).boxed()),
+            (1, Just(None).boxed()),
         ]),
         access_mode(),
     )
@@ -279,16 +342,23 @@ pub fn opt_capability() -> BoxedStrategy<Option<csi::VolumeCapability>> {
 
 /// None, one, or mount and block together, or three.
 pub fn capabilities() -> BoxedStrategy<Vec<csi::VolumeCapability>> {
-    vec(capability(), 0..4).boxed()
+    weighted(vec![
+        (8, vec(capability(), 1..2).boxed()),
+        (1, Just(Vec::new()).boxed()),
+        (2, vec(capability(), 2..4).boxed()),
+    ])
 }
 
 /// A map drawn from known keys and values, hostile ones, or one too big for any sane limit.
-pub fn map(keys: &'static [&'static str], values: &'static [&'static str]) -> BoxedStrategy<HashMap<String, String>> {
-    let key = one_of(vec![pick(keys), hostile()]);
-    let value = one_of(vec![pick(values), hostile()]);
+pub fn map(
+    keys: &'static [&'static str],
+    values: &'static [&'static str],
+) -> BoxedStrategy<HashMap<String, String>> {
+    let key = weighted(vec![(3, pick(keys)), (1, hostile())]);
+    let value = weighted(vec![(3, pick(values)), (1, hostile())]);
     weighted(vec![
-        (6, Just(HashMap::new()).boxed()),
-        (12, hash_map(key, value, 1..5).boxed()),
+        (10, Just(HashMap::new()).boxed()),
+        (8, hash_map(key, value, 1..5).boxed()),
         (
             1,
             (1usize..4)
@@ -319,13 +389,42 @@ pub const SC_KEYS: &[&str] = &[
     "volumeMode",
 ];
 pub const SC_VALUES: &[&str] = &[
-    "fast", "slow", "standard", "virtio", "scsi", "sata", "ide", "", "forbidden", "Block",
-    "fast ", "../fast", "FAST",
+    "fast",
+    "slow",
+    "standard",
+    "virtio",
+    "scsi",
+    "sata",
+    "ide",
+    "",
+    "forbidden",
+    "Block",
+    "fast ",
+    "../fast",
+    "FAST",
 ];
-pub const SECRET_KEYS: &[&str] = &["token", "password", "kubeconfig", "csi.storage.k8s.io/secret"];
+pub const SECRET_KEYS: &[&str] = &[
+    "token",
+    "password",
+    "kubeconfig",
+    "csi.storage.k8s.io/secret",
+];
 pub const SECRET_VALUES: &[&str] = &["x", "", "apiVersion: v1\nkind: Config\n"];
-pub const CONTEXT_KEYS: &[&str] = &["bus", "serial", "storage.kubernetes.io/csiProvisionerIdentity", "fsType"];
-pub const CONTEXT_VALUES: &[&str] = &["virtio", "scsi", "sata", "ide", "kvabcdefghijklmnopqr", "ext4", ""];
+pub const CONTEXT_KEYS: &[&str] = &[
+    "bus",
+    "serial",
+    "storage.kubernetes.io/csiProvisionerIdentity",
+    "fsType",
+];
+pub const CONTEXT_VALUES: &[&str] = &[
+    "virtio",
+    "scsi",
+    "sata",
+    "ide",
+    "kvabcdefghijklmnopqr",
+    "ext4",
+    "",
+];
 
 fn topology() -> BoxedStrategy<csi::Topology> {
     map(
@@ -338,6 +437,8 @@ fn topology() -> BoxedStrategy<csi::Topology> {
 
 fn topology_requirement() -> BoxedStrategy<Option<csi::TopologyRequirement>> {
     one_of(vec![
+        Just(None).boxed(),
+        Just(None).boxed(),
         Just(None).boxed(),
         (vec(topology(), 0..3), vec(topology(), 0..3))
             .prop_map(|(requisite, preferred)| {
@@ -434,7 +535,10 @@ impl Pools {
     }
 
     fn create_name(&self) -> BoxedStrategy<String> {
-        weighted(vec![(3, pick_owned(&self.create_names)), (4, id_from(&self.create_names))])
+        weighted(vec![
+            (3, pick_owned(&self.create_names)),
+            (4, id_from(&self.create_names)),
+        ])
     }
 
     fn token(&self) -> BoxedStrategy<String> {
@@ -447,6 +551,9 @@ impl Pools {
     fn content_source(&self) -> BoxedStrategy<Option<csi::VolumeContentSource>> {
         use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
         one_of(vec![
+            Just(None).boxed(),
+            Just(None).boxed(),
+            Just(None).boxed(),
             Just(None).boxed(),
             self.any_snapshot()
                 .prop_map(|snapshot_id| {
@@ -476,10 +583,24 @@ impl Pools {
         let kubelet2 = n.kubelet.clone();
         let kubelet3 = n.kubelet.clone();
         weighted(vec![
-            (6, pick_owned(&paths)),
+            (12, pick_owned(&paths)),
             (
                 3,
-                (pick_owned(&paths), pick(&["/", "//", "/.", "/..", "/../..", "/x", "/\0", "/ ", "/%2F..", "/kubevirt-csi-block.json"]))
+                (
+                    pick_owned(&paths),
+                    pick(&[
+                        "/",
+                        "//",
+                        "/.",
+                        "/..",
+                        "/../..",
+                        "/x",
+                        "/\0",
+                        "/ ",
+                        "/%2F..",
+                        "/kubevirt-csi-block.json",
+                    ]),
+                )
                     .prop_map(|(p, s)| p + &s)
                     .boxed(),
             ),
@@ -491,14 +612,8 @@ impl Pools {
             ),
             // Relative: resolved against the plugin's working directory (a scratch dir).
             (1, hostile().prop_map(|h| h.replace('/', "")).boxed()),
-            (
-                1,
-                Just(format!("{kubelet2}/{}", "a".repeat(5000))).boxed(),
-            ),
-            (
-                1,
-                Just(format!("{kubelet3}/{}", "a/".repeat(2100))).boxed(),
-            ),
+            (1, Just(format!("{kubelet2}/{}", "a".repeat(5000))).boxed()),
+            (1, Just(format!("{kubelet3}/{}", "a/".repeat(2100))).boxed()),
             (1, Just(n.kubelet.clone()).boxed()),
             (1, Just(String::new()).boxed()),
         ])
@@ -514,6 +629,16 @@ impl Pools {
         let serial = self.node.serial.clone();
         let s2 = serial.clone();
         one_of(vec![
+            Just(HashMap::from([
+                ("serial".to_owned(), serial.clone()),
+                ("bus".to_owned(), "virtio".to_owned()),
+            ]))
+            .boxed(),
+            Just(HashMap::from([
+                ("serial".to_owned(), serial.clone()),
+                ("bus".to_owned(), "virtio".to_owned()),
+            ]))
+            .boxed(),
             Just(HashMap::from([
                 ("serial".to_owned(), serial.clone()),
                 ("bus".to_owned(), "virtio".to_owned()),
@@ -590,7 +715,16 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
             map(&["iops", "bus"], &["100", "virtio"]),
         )
             .prop_map(
-                |(name, capacity_range, volume_capabilities, parameters, secrets, src, topo, mutable)| {
+                |(
+                    name,
+                    capacity_range,
+                    volume_capabilities,
+                    parameters,
+                    secrets,
+                    src,
+                    topo,
+                    mutable,
+                )| {
                     Call::CreateVolume(csi::CreateVolumeRequest {
                         name,
                         capacity_range,
@@ -642,7 +776,11 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
     out.push((
         "ControllerUnpublishVolume",
         10,
-        (p.any_volume(), one_of(vec![p.node_id(), Just(String::new()).boxed()]), secrets())
+        (
+            p.any_volume(),
+            one_of(vec![p.node_id(), Just(String::new()).boxed()]),
+            secrets(),
+        )
             .prop_map(|(volume_id, node_id, secrets)| {
                 Call::ControllerUnpublishVolume(csi::ControllerUnpublishVolumeRequest {
                     volume_id,
@@ -662,16 +800,18 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
             map(SC_KEYS, SC_VALUES),
             secrets(),
         )
-            .prop_map(|(volume_id, volume_context, volume_capabilities, parameters, secrets)| {
-                Call::ValidateVolumeCapabilities(csi::ValidateVolumeCapabilitiesRequest {
-                    volume_id,
-                    volume_context,
-                    volume_capabilities,
-                    parameters,
-                    secrets,
-                    mutable_parameters: HashMap::new(),
-                })
-            })
+            .prop_map(
+                |(volume_id, volume_context, volume_capabilities, parameters, secrets)| {
+                    Call::ValidateVolumeCapabilities(csi::ValidateVolumeCapabilitiesRequest {
+                        volume_id,
+                        volume_context,
+                        volume_capabilities,
+                        parameters,
+                        secrets,
+                        mutable_parameters: HashMap::new(),
+                    })
+                },
+            )
             .boxed(),
     ));
     out.push((
@@ -696,7 +836,11 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
     out.push((
         "GetCapacity",
         2,
-        (capabilities(), map(SC_KEYS, SC_VALUES), proptest::option::of(topology()))
+        (
+            capabilities(),
+            map(SC_KEYS, SC_VALUES),
+            proptest::option::of(topology()),
+        )
             .prop_map(|(volume_capabilities, parameters, accessible_topology)| {
                 Call::GetCapacity(csi::GetCapacityRequest {
                     volume_capabilities,
@@ -718,7 +862,10 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
             p.any_volume(),
             p.create_name(),
             secrets(),
-            map(&["snapshotClass", "infraSnapshotClassName"], &["fast-snap", "x", ""]),
+            map(
+                &["snapshotClass", "infraSnapshotClassName"],
+                &["fast-snap", "x", ""],
+            ),
         )
             .prop_map(|(source_volume_id, name, secrets, parameters)| {
                 Call::CreateSnapshot(csi::CreateSnapshotRequest {
@@ -784,7 +931,12 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
     out.push((
         "ControllerExpandVolume",
         7,
-        (p.any_volume(), capacity_range(), secrets(), opt_capability())
+        (
+            p.any_volume(),
+            capacity_range(),
+            secrets(),
+            opt_capability(),
+        )
             .prop_map(|(volume_id, capacity_range, secrets, volume_capability)| {
                 Call::ControllerExpandVolume(csi::ControllerExpandVolumeRequest {
                     volume_id,
@@ -807,7 +959,11 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
     out.push((
         "ControllerModifyVolume",
         2,
-        (p.any_volume(), secrets(), map(&["iops", "bus"], &["100", "virtio"]))
+        (
+            p.any_volume(),
+            secrets(),
+            map(&["iops", "bus"], &["100", "virtio"]),
+        )
             .prop_map(|(volume_id, secrets, mutable_parameters)| {
                 Call::ControllerModifyVolume(csi::ControllerModifyVolumeRequest {
                     volume_id,
@@ -819,11 +975,23 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
     ));
     for target in [super::Plugin::Controller, super::Plugin::Node] {
         let name = match target {
-            super::Plugin::Controller => ["controller/GetPluginInfo", "controller/GetPluginCapabilities", "controller/Probe"],
-            super::Plugin::Node => ["node/GetPluginInfo", "node/GetPluginCapabilities", "node/Probe"],
+            super::Plugin::Controller => [
+                "controller/GetPluginInfo",
+                "controller/GetPluginCapabilities",
+                "controller/Probe",
+            ],
+            super::Plugin::Node => [
+                "node/GetPluginInfo",
+                "node/GetPluginCapabilities",
+                "node/Probe",
+            ],
         };
         out.push((name[0], 1, Just(Call::GetPluginInfo(target)).boxed()));
-        out.push((name[1], 1, Just(Call::GetPluginCapabilities(target)).boxed()));
+        out.push((
+            name[1],
+            1,
+            Just(Call::GetPluginCapabilities(target)).boxed(),
+        ));
         out.push((name[2], 1, Just(Call::Probe(target)).boxed()));
     }
 
@@ -840,7 +1008,14 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
             map(CONTEXT_KEYS, CONTEXT_VALUES),
         )
             .prop_map(
-                |(volume_id, publish_context, staging_target_path, volume_capability, secrets, volume_context)| {
+                |(
+                    volume_id,
+                    publish_context,
+                    staging_target_path,
+                    volume_capability,
+                    secrets,
+                    volume_context,
+                )| {
                     Call::NodeStageVolume(csi::NodeStageVolumeRequest {
                         volume_id,
                         publish_context,
@@ -878,7 +1053,15 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
             (secrets(), map(CONTEXT_KEYS, CONTEXT_VALUES)),
         )
             .prop_map(
-                |(volume_id, publish_context, staging_target_path, target_path, volume_capability, readonly, (secrets, volume_context))| {
+                |(
+                    volume_id,
+                    publish_context,
+                    staging_target_path,
+                    target_path,
+                    volume_capability,
+                    readonly,
+                    (secrets, volume_context),
+                )| {
                     Call::NodePublishVolume(csi::NodePublishVolumeRequest {
                         volume_id,
                         publish_context,
@@ -934,7 +1117,14 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
             secrets(),
         )
             .prop_map(
-                |(volume_id, volume_path, capacity_range, staging_target_path, volume_capability, secrets)| {
+                |(
+                    volume_id,
+                    volume_path,
+                    capacity_range,
+                    staging_target_path,
+                    volume_capability,
+                    secrets,
+                )| {
                     Call::NodeExpandVolume(csi::NodeExpandVolumeRequest {
                         volume_id,
                         volume_path,

@@ -212,7 +212,10 @@ pub async fn send(c: &Clients, call: Call, deadline: Duration) -> Outcome {
         };
         match call {
             Call::GetPluginInfo(p) => {
-                reply!(identity(p).get_plugin_info(csi::GetPluginInfoRequest {}), |_r| vec![])
+                reply!(
+                    identity(p).get_plugin_info(csi::GetPluginInfoRequest {}),
+                    |_r| vec![]
+                )
             }
             Call::GetPluginCapabilities(p) => reply!(
                 identity(p).get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}),
@@ -292,7 +295,10 @@ pub async fn send(c: &Clients, call: Call, deadline: Duration) -> Outcome {
                 |_r| vec![]
             ),
             Call::NodeGetInfo => {
-                reply!(c.node.node_get_info(csi::NodeGetInfoRequest {}), |_r| vec![])
+                reply!(
+                    c.node.node_get_info(csi::NodeGetInfoRequest {}),
+                    |_r| vec![]
+                )
             }
         }
     };
@@ -328,7 +334,12 @@ pub fn table(rpc: &str) -> Option<&'static [Code]> {
         "DeleteVolume" => &[FailedPrecondition],
         // Volume / node does not exist, published with incompatible capability, published
         // to another node, max volumes attached.
-        "ControllerPublishVolume" => &[NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted],
+        "ControllerPublishVolume" => &[
+            NotFound,
+            AlreadyExists,
+            FailedPrecondition,
+            ResourceExhausted,
+        ],
         // Volume / node does not exist (or OK when it can be regarded as unpublished).
         "ControllerUnpublishVolume" => &[NotFound],
         "ValidateVolumeCapabilities" => &[NotFound],
@@ -409,9 +420,7 @@ pub fn missing_required(call: &Call) -> Option<&'static str> {
         Call::DeleteVolume(r) if r.volume_id.is_empty() => Some("volume_id"),
         Call::ControllerPublishVolume(r) if r.volume_id.is_empty() => Some("volume_id"),
         Call::ControllerPublishVolume(r) if r.node_id.is_empty() => Some("node_id"),
-        Call::ControllerPublishVolume(r) if cap(&r.volume_capability) => {
-            Some("volume_capability")
-        }
+        Call::ControllerPublishVolume(r) if cap(&r.volume_capability) => Some("volume_capability"),
         Call::ControllerUnpublishVolume(r) if r.volume_id.is_empty() => Some("volume_id"),
         Call::ValidateVolumeCapabilities(r) if r.volume_id.is_empty() => Some("volume_id"),
         Call::ValidateVolumeCapabilities(r) if caps(&r.volume_capabilities) => {
@@ -429,9 +438,7 @@ pub fn missing_required(call: &Call) -> Option<&'static str> {
             Some("mutable_parameters")
         }
         Call::NodeStageVolume(r) if r.volume_id.is_empty() => Some("volume_id"),
-        Call::NodeStageVolume(r) if r.staging_target_path.is_empty() => {
-            Some("staging_target_path")
-        }
+        Call::NodeStageVolume(r) if r.staging_target_path.is_empty() => Some("staging_target_path"),
         Call::NodeStageVolume(r) if cap(&r.volume_capability) => Some("volume_capability"),
         Call::NodeUnstageVolume(r) if r.volume_id.is_empty() => Some("volume_id"),
         Call::NodeUnstageVolume(r) if r.staging_target_path.is_empty() => {
@@ -495,7 +502,10 @@ pub fn judge(call: &Call, outcome: &Outcome, unadvertised: &Unadvertised) -> Opt
                 if *code != Code::InvalidArgument {
                     return finding(
                         format!("{} for missing {field}", code_name(*code)),
-                        format!("spec: missing required field → INVALID_ARGUMENT; got {}: {message}", code_name(*code)),
+                        format!(
+                            "spec: missing required field → INVALID_ARGUMENT; got {}: {message}",
+                            code_name(*code)
+                        ),
                     );
                 }
                 return None;
@@ -506,14 +516,16 @@ pub fn judge(call: &Call, outcome: &Outcome, unadvertised: &Unadvertised) -> Opt
                     "spec: the status message MUST describe the error".into(),
                 );
             }
-            let in_table =
-                takes_input(rpc) && (GENERAL.contains(code) || allowed.contains(code));
+            let in_table = takes_input(rpc) && (GENERAL.contains(code) || allowed.contains(code));
             if in_table {
                 None
             } else {
                 finding(
                     code_name(*code).into(),
-                    format!("{} is not in the spec's table for {rpc}: {message}", code_name(*code)),
+                    format!(
+                        "{} is not in the spec's table for {rpc}: {message}",
+                        code_name(*code)
+                    ),
                 )
             }
         }
