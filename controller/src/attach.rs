@@ -400,7 +400,8 @@ impl Driver {
     /// Waits on a watch of the VMI until the volume's status entry is Ready.
     async fn wait_attached(&self, node: &NodeId, id: &str) -> Result<(), ControllerError> {
         let what = format!("volume {id} to become Ready in {node}");
-        wait_for(
+        let mut reached_vmi = false;
+        let waited = wait_for(
             self.infra.vmis.clone(),
             &node.vm,
             &what,
@@ -411,6 +412,7 @@ impl Driver {
                         "worker VM {node} stopped while volume {id} was being attached"
                     ));
                 };
+                reached_vmi |= vmi.spec.volumes.iter().any(|v| v.name == id);
                 match vmi
                     .status
                     .as_ref()
@@ -428,9 +430,18 @@ impl Driver {
                 }
             },
         )
-        .await
-        .map(|_| ())
-        .map_err(|e| wait_error(e, format!("attaching volume {id} to {node}")))
+        .await;
+        // KubeVirt copies VM-spec hotplugs to the VMI only with DeclarativeHotplugVolumes on
+        // and HotplugVolumes off (pkg/virt-controller/watch/vm/vm.go); otherwise a declarative
+        // publish waits for nothing. Say so rather than leave a bare timeout.
+        let hint = if self.settings.hotplug_mode == HotplugMode::Declarative && !reached_vmi {
+            " (the VM spec holds the volume but KubeVirt never copied it to the VMI: declarative hotplug needs KubeVirt's DeclarativeHotplugVolumes gate on and HotplugVolumes off; --hotplug-mode=subresource works with either)"
+        } else {
+            ""
+        };
+        waited
+            .map(|_| ())
+            .map_err(|e| wait_error(e, format!("attaching volume {id} to {node}{hint}")))
     }
 
     /// ControllerUnpublishVolume. Spec rules honoured: volume_id and node_id are required;
