@@ -1,7 +1,7 @@
 //! The whole driver stack on one machine: an infra control plane with the upstream CRDs
-//! and the KubeVirt/CDI stand-in, one tenant, the controller plugin under the shipped infra
+//! and an infra bed (see [`Bed`]), one tenant, the controller plugin under the shipped infra
 //! Role, and the node plugin either on the host or inside a real QEMU worker VM whose
-//! disks the stand-in hotplugs over QMP. csi-sanity and the local demo run on it.
+//! disks are hotplugged over QMP. csi-sanity, the e2e suite and the local demo run on it.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -12,6 +12,7 @@ use crate::cluster::{ControlPlane, ControlPlaneOptions};
 use crate::csi::{ControllerOptions, ControllerPlugin, connect_tcp, connect_unix};
 use crate::fixtures::{self, TenantFixture};
 use crate::grpc_router::GrpcRouter;
+use crate::kubevirt::{GateProfile, KubeVirt, KubeVirtOptions};
 use crate::process::{ManagedProcess, ScratchDir};
 use crate::standin::{Standin, StandinOptions};
 use crate::tools::workspace_bin;
@@ -29,8 +30,23 @@ pub enum NodePlacement {
     Vm,
 }
 
+/// Who plays KubeVirt on the infra side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bed {
+    /// `tests/standin` plays virt-api, virt-controller, virt-handler and CDI. Kept for
+    /// tests that need a fault KubeVirt's own code cannot be made to produce on demand
+    /// (the stand-in's fault knobs).
+    Standin,
+    /// KubeVirt's own virt-api and virt-controller with the feature gates of the profile
+    /// (see [`crate::kubevirt`]); the stand-in plays only CDI (`--cdi-only`), and
+    /// [`crate::kubevirt_node`] plays kubelet and virt-handler, plugging disks into the
+    /// QEMU worker through its QMP socket.
+    KubeVirt(GateProfile),
+}
+
 #[derive(Clone, Debug)]
 pub struct StackOptions {
+    pub bed: Bed,
     pub node: NodePlacement,
     /// `scsi` or `virtio`: the StorageClass `bus` and the controller's default.
     pub bus: String,
@@ -60,6 +76,7 @@ pub enum NodeIdentity {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
+            bed: Bed::Standin,
             node: NodePlacement::Vm,
             bus: "scsi".into(),
             namespace: "tenant-a".into(),
@@ -82,6 +99,8 @@ pub struct Stack {
     pub controller: ControllerPlugin,
     pub vm: Option<WorkerVm>,
     pub standin: Standin,
+    /// KubeVirt's own processes and the node stand-ins, on [`Bed::KubeVirt`].
+    pub kubevirt: Option<KubeVirt>,
     pub tenant: TenantFixture,
     pub cp: ControlPlane,
     node_endpoint: String,
@@ -100,9 +119,38 @@ impl Stack {
 
         let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
         let client = cp.client().await?;
-        crate::crds::install(&client).await?;
-        fixtures::infra_storage_classes(&client).await?;
-        let standin = Standin::start(&cp, StandinOptions::default()).await?;
+        let (standin, kubevirt) = match options.bed {
+            Bed::Standin => {
+                crate::crds::install(&client).await?;
+                fixtures::infra_storage_classes(&client).await?;
+                (Standin::start(&cp, StandinOptions::default()).await?, None)
+            }
+            Bed::KubeVirt(profile) => {
+                // Order matters: virt-controller's informers only sync once CDI's CRDs
+                // exist, and KubeVirt's own CRDs come from its manifests, not hack/crds.sh.
+                install_non_kubevirt_crds(&client).await?;
+                crate::kubevirt::install_cdi_companion_crds(&client).await?;
+                let kv = KubeVirt::start(
+                    &cp,
+                    KubeVirtOptions {
+                        profile,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                tracing::info!(timings = ?kv.timings(), "kubevirt up");
+                fixtures::infra_storage_classes(&client).await?;
+                let standin = Standin::start(
+                    &cp,
+                    StandinOptions {
+                        extra_args: vec!["--cdi-only".into()],
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                (standin, Some(kv))
+            }
+        };
         let tenant = fixtures::tenant(&cp, &options.namespace, &[("cluster", "a")], None).await?;
         tracing::info!(took = ?t.elapsed(), "infra cluster up");
 
@@ -228,6 +276,7 @@ impl Stack {
             controller,
             vm,
             standin,
+            kubevirt,
             tenant,
             cp,
             node_endpoint,
@@ -313,10 +362,54 @@ impl Stack {
         Ok(args)
     }
 
+    /// Log tails of the infra bed: the stand-in, and on [`Bed::KubeVirt`] the node
+    /// stand-ins' recent errors and KubeVirt's own processes.
+    pub fn infra_log_tails(&self, lines: usize) -> String {
+        let mut out = format!("--- stand-in ---\n{}", self.standin.log_tail(lines));
+        if let Some(kv) = &self.kubevirt {
+            out.push_str(&format!(
+                "\n--- node stand-ins (recent errors) ---\n{:#?}\n--- virt-controller ---\n{}\n--- virt-api ---\n{}",
+                kv.node().recent_errors(),
+                kv.virt_controller_log_tail(lines),
+                kv.virt_api_log_tail(lines),
+            ));
+        }
+        out
+    }
+
     /// Last lines of the node plugin's log (host file, or the shared-dir file in VM mode).
     pub fn node_log_tail(&self, lines: usize) -> String {
         crate::process::log_tail(&self.dir.path().join("node.log"), lines)
     }
+}
+
+/// `hack/crds.sh`'s CDI and snapshot CRDs: on the KubeVirt bed KubeVirt's own CRDs come
+/// from its manifests (see [`crate::kubevirt`]), which would fight over these fields.
+async fn install_non_kubevirt_crds(client: &kube::Client) -> Result<(), BoxError> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let pp = PatchParams::apply("kvcsi-harness").force();
+    let mut names = Vec::new();
+    for crd in crate::crds::load()? {
+        if crd.spec.group == "kubevirt.io" {
+            continue;
+        }
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &pp, &Patch::Apply(&crd))
+            .await
+            .map_err(|e| format!("apply CRD {name}: {e}"))?;
+        names.push(name);
+    }
+    let waited = Duration::from_secs(30);
+    for name in names {
+        let est = await_condition(api.clone(), &name, conditions::is_crd_established());
+        if !matches!(tokio::time::timeout(waited, est).await, Ok(Ok(_))) {
+            return Err(format!("CRD {name} not Established after {waited:?}").into());
+        }
+    }
+    Ok(())
 }
 
 /// Retries `check` until it is true or `timeout` passes. For processes that give no

@@ -1,14 +1,15 @@
 //! Runs csi-sanity against the whole driver stack (see `kubevirt_csi_harness::stack`):
 //! the controller on the host, the node plugin on the host or inside a QEMU worker VM.
 //!
-//! `kvcsi-sanity --node vm --bus scsi --access-type mount [-- <more csi-sanity flags>]`
-//! exits with csi-sanity's exit code.
+//! `kvcsi-sanity --node vm --bus scsi --access-type mount --bed hotplug [-- <more csi-sanity
+//! flags>]` exits with csi-sanity's exit code.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use kubevirt_csi_harness::stack::{NodePlacement, Stack, StackOptions};
+use kubevirt_csi_harness::kubevirt::GateProfile;
+use kubevirt_csi_harness::stack::{Bed, NodePlacement, Stack, StackOptions};
 use kubevirt_csi_harness::tools::Tools;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -17,8 +18,31 @@ enum Node {
     Vm,
 }
 
+/// The infra bed (see `kubevirt_csi_harness::stack::Bed`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BedArg {
+    /// The stand-in plays all of KubeVirt and CDI.
+    Standin,
+    /// KubeVirt's own virt-api and virt-controller with the `HotplugVolumes` gate.
+    Hotplug,
+    /// KubeVirt's own virt-api and virt-controller with `DeclarativeHotplugVolumes` only.
+    Declarative,
+}
+
+impl From<BedArg> for Bed {
+    fn from(b: BedArg) -> Self {
+        match b {
+            BedArg::Standin => Bed::Standin,
+            BedArg::Hotplug => Bed::KubeVirt(GateProfile::HotplugVolumes),
+            BedArg::Declarative => Bed::KubeVirt(GateProfile::DeclarativeOnly),
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 struct Args {
+    #[arg(long, value_enum, default_value = "standin")]
+    bed: BedArg,
     #[arg(long, value_enum, default_value = "vm")]
     node: Node,
     #[arg(long, default_value = "scsi")]
@@ -38,6 +62,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error + Send + 
             Node::Vm => NodePlacement::Vm,
         },
         bus: args.bus.clone(),
+        bed: args.bed.into(),
         ..Default::default()
     })
     .await?;
@@ -62,10 +87,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error + Send + 
             "--- node plugin log (tail) ---\n{}",
             stack.node_log_tail(60)
         );
-        eprintln!(
-            "--- stand-in log (tail) ---\n{}",
-            stack.standin.log_tail(40)
-        );
+        eprintln!("{}", stack.infra_log_tails(40));
     }
     Ok(ExitCode::from(
         status.code().unwrap_or(1).clamp(0, 255) as u8
