@@ -451,10 +451,10 @@ impl FullStack {
     /// Log tails of every process, for failure messages.
     pub fn diagnostics(&self) -> String {
         format!(
-            "--- controller ---\n{}\n--- node plugin ---\n{}\n--- stand-in ---\n{}\n--- kube-controller-manager ---\n{}\n{}",
+            "--- controller ---\n{}\n--- node plugin ---\n{}\n{}\n--- kube-controller-manager ---\n{}\n{}",
             self.stack.controller.log_tail(40),
             self.stack.node_log_tail(40),
-            self.stack.standin.log_tail(20),
+            self.stack.infra_log_tails(20),
             self.guest.kcm_log_tail(30),
             self.sidecars.log_tails(25),
         )

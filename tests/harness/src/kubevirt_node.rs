@@ -626,6 +626,11 @@ async fn handler_sync(env: &SyncEnv<'_>, vmi: &DynamicObject) -> Result<(), kube
                     }
                     domain.remove(&v);
                 }
+                if let Some(socket) = &socket
+                    && let Err(e) = resize_grown(env, socket, &key, &domain).await
+                {
+                    record(env.errors, format!("resizing disks of {key}: {e}"));
+                }
                 domains.lock().expect("domains lock").insert(key, domain);
                 return Ok(());
             }
@@ -649,6 +654,8 @@ async fn handler_sync(env: &SyncEnv<'_>, vmi: &DynamicObject) -> Result<(), kube
 struct Hypervisor {
     qmp: Qmp,
     slots: DiskSlots,
+    /// Device id to the backing file and the size QEMU was last given for it.
+    sizes: HashMap<String, (PathBuf, u64)>,
 }
 
 type Hypervisors = Arc<tokio::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<Hypervisor>>>>>;
@@ -676,7 +683,11 @@ async fn hypervisor(
     let qmp = Qmp::connect(socket, Duration::from_secs(5)).await?;
     // The worker VM's default root-port count (its `hotplug_slots`).
     let slots = DiskSlots::new(VmOptions::new("").hotplug_slots);
-    let h = Arc::new(tokio::sync::Mutex::new(Hypervisor { qmp, slots }));
+    let h = Arc::new(tokio::sync::Mutex::new(Hypervisor {
+        qmp,
+        slots,
+        sizes: HashMap::new(),
+    }));
     all.insert(socket.to_path_buf(), h.clone());
     Ok(h)
 }
@@ -745,11 +756,67 @@ async fn plug(
         bus,
         read_only,
     };
+    let size = std::fs::metadata(&spec.file_path)
+        .map(|m| m.len())
+        .unwrap_or(0);
     let h = hypervisor(env, socket).await?;
     let mut h = h.lock().await;
-    let Hypervisor { qmp, slots } = &mut *h;
+    let Hypervisor { qmp, slots, sizes } = &mut *h;
     slots.attach(qmp, &spec).await?;
+    sizes.insert(spec.id.clone(), (spec.file_path.clone(), size));
     Ok(())
+}
+
+/// virt-launcher's `ExpandDisks` step: a plugged volume whose backing grew (the CDI
+/// stand-in grows the PV's file before it reports the claim's new capacity, which is all
+/// virt-launcher compares against) is resized in QEMU, so the guest sees the new size.
+/// Without the `ExpandDisks` gate in the KubeVirt CR, KubeVirt v1.7 leaves the running
+/// guest's disk as it was, and so does this.
+async fn resize_grown(
+    env: &SyncEnv<'_>,
+    socket: &Path,
+    vmi_key: &str,
+    domain: &Domain,
+) -> Result<(), PlugError> {
+    let h = hypervisor(env, socket).await?;
+    let mut h = h.lock().await;
+    let Hypervisor { qmp, sizes, .. } = &mut *h;
+    for volume in domain.keys() {
+        let id = device_id(vmi_key, volume);
+        let Some((file, known)) = sizes.get_mut(&id) else {
+            continue;
+        };
+        let now = std::fs::metadata(&*file).map(|m| m.len()).unwrap_or(0);
+        if now <= *known {
+            continue;
+        }
+        *known = now;
+        if !expand_disks_enabled(env.admin).await? {
+            continue;
+        }
+        // The node name `crate::vm::disk` gives the disk's blockdev.
+        qmp.execute(
+            "block_resize",
+            Some(json!({"node-name": format!("blk-{id}"), "size": now})),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether the `KubeVirt` CR enables the `ExpandDisks` feature gate.
+async fn expand_disks_enabled(admin: &kube::Client) -> Result<bool, kube::Error> {
+    let ar = kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("kubevirt.io", "v1", "KubeVirt"),
+        "kubevirts",
+    );
+    let kvs: Api<DynamicObject> = Api::all_with(admin.clone(), &ar);
+    let list = kvs.list(&ListParams::default()).await?;
+    Ok(list.items.iter().any(|kv| {
+        kv.data["spec"]["configuration"]["developerConfiguration"]["featureGates"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g == "ExpandDisks"))
+    }))
 }
 
 async fn unplug(
@@ -760,14 +827,15 @@ async fn unplug(
 ) -> Result<(), PlugError> {
     let h = hypervisor(env, socket).await?;
     let mut h = h.lock().await;
-    let Hypervisor { qmp, slots } = &mut *h;
+    let Hypervisor { qmp, slots, sizes } = &mut *h;
     let timeout = VmOptions::new("").unplug_timeout;
-    match slots
-        .detach(qmp, &device_id(vmi_key, volume), timeout)
-        .await
-    {
+    let id = device_id(vmi_key, volume);
+    match slots.detach(qmp, &id, timeout).await {
         // A disk of the VMI's first domain (not hotplugged by us) has nothing to unplug.
-        Ok(()) | Err(crate::vm::DiskError::NotAttached(_)) => Ok(()),
+        Ok(()) | Err(crate::vm::DiskError::NotAttached(_)) => {
+            sizes.remove(&id);
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }

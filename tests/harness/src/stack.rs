@@ -134,6 +134,10 @@ impl Stack {
                     &cp,
                     KubeVirtOptions {
                         profile,
+                        // Without it KubeVirt v1.7 never passes a claim's new size on to
+                        // the running guest, and online expansion (NodeExpandVolume) finds
+                        // the old size: an infra cluster must enable it for expansion.
+                        extra_feature_gates: vec!["ExpandDisks".into()],
                         ..Default::default()
                     },
                 )

@@ -1,8 +1,10 @@
 //! End to end through the real CSI sidecars: a guest cluster (kube-apiserver +
 //! kube-controller-manager) with external-provisioner, external-attacher, external-resizer,
 //! csi-snapshotter and snapshot-controller talking to our controller plugin, which drives
-//! the infra cluster (KubeVirt/CDI stand-in) under the shipped tenant Role; the node plugin
-//! runs inside a real QEMU worker VM, and a kubelet stand-in stages and publishes.
+//! the infra cluster under the shipped tenant Role; the node plugin runs inside a real QEMU
+//! worker VM, and a kubelet stand-in stages and publishes. The infra cluster runs KubeVirt's
+//! own virt-api and virt-controller (v1.7), once per feature-gate profile, with stand-ins
+//! only for CDI and the node side (kubelet, virt-handler plugging disks over QMP).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -16,6 +18,8 @@ use kubevirt_csi_harness::csi::connect_tcp;
 use kubevirt_csi_harness::fixtures::data_volume_resource;
 use kubevirt_csi_harness::guest::{FullStack, FullStackOptions, snapshot_resource};
 use kubevirt_csi_harness::kubelet::{KubeletStandin, PodVolume, wait_for};
+use kubevirt_csi_harness::kubevirt::GateProfile;
+use kubevirt_csi_harness::stack::{Bed, StackOptions};
 
 const NS: &str = "default";
 const MI: i64 = 1 << 20;
@@ -112,12 +116,29 @@ fn step(t: Instant, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn volume_lifecycle_through_real_sidecars() {
+async fn volume_lifecycle_through_real_sidecars_on_hotplug_volumes_gate() {
+    lifecycle(Bed::KubeVirt(GateProfile::HotplugVolumes)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_lifecycle_through_real_sidecars_on_declarative_gate_only() {
+    lifecycle(Bed::KubeVirt(GateProfile::DeclarativeOnly)).await;
+}
+
+async fn lifecycle(bed: Bed) {
     let t = Instant::now();
-    let fs = FullStack::start(FullStackOptions::default()).await.unwrap();
+    let fs = FullStack::start(FullStackOptions {
+        stack: StackOptions {
+            bed,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     step(
         t,
-        "stack up (guest + kcm + infra + stand-in + VM + plugins + sidecars)",
+        &format!("stack up on {bed:?} (guest + kcm + infra + VM + plugins + sidecars)"),
     );
     let result = run(&fs, t).await;
     if let Err(e) = &result {
