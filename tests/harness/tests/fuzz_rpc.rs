@@ -528,7 +528,14 @@ async fn infra_bed() -> (InfraBed, Pools) {
     eprintln!("infra bed up in {:?}", t.elapsed());
 
     let pools = Pools {
-        volumes: vec![live0, live1],
+        // The ids the controller derives for the names CreateVolume is fuzzed with, so the
+        // volumes the fuzz creates are published, expanded and deleted too.
+        volumes: [live0, live1]
+            .into_iter()
+            .chain((0..6).map(|i| {
+                kubevirt_csi_controller::names::infra_name("kvcsi-", &format!("fuzz-{i}"))
+            }))
+            .collect(),
         anchor_volumes: vec![anchor_attached.clone(), anchor_detached],
         foreign_names: foreign,
         snapshots: vec![snap_live],
@@ -630,6 +637,7 @@ struct NodeBed {
     foreign_mounts: Vec<PathBuf>,
     /// Files and directories outside the kubelet root that must survive.
     victims: Vec<PathBuf>,
+    kubelet: PathBuf,
     // Drop order: plugin (its namespace and mounts go), then our mounts, loops, directory.
     _mounts: OwnMounts,
     _loops: Vec<Loop>,
@@ -809,6 +817,7 @@ async fn node_bed() -> (NodeBed, NodePools) {
             channel,
             foreign_mounts: vec![foreign_ext4, foreign_tmpfs],
             victims: vec![victim_file, victim_dir],
+            kubelet: kubelet.clone(),
             _mounts: mounts,
             _loops: vec![disk, foreign_disk],
             _dir: dir,
@@ -930,6 +939,9 @@ async fn run_cases(
     cases: std::ops::Range<u64>,
     tally: &mut Tally,
 ) {
+    // `KVCSI_FUZZ_TRACE=RpcA,RpcB` prints every answer of those RPCs.
+    let trace_env = std::env::var("KVCSI_FUZZ_TRACE").unwrap_or_default();
+    let trace: BTreeSet<&str> = trace_env.split(',').map(str::trim).collect();
     let mut results = futures::stream::iter(cases)
         .map(|case| {
             let (_, tree) = generate(strategies, seed, case);
@@ -944,6 +956,18 @@ async fn run_cases(
         .buffer_unordered(concurrency());
     while let Some((case, call, outcome)) = results.next().await {
         let finding = judge(&call, &outcome, unadvertised);
+        if trace.contains(call.rpc()) {
+            let message = match &outcome {
+                Outcome::Err { message, .. } => message.as_str(),
+                _ => "",
+            };
+            eprintln!(
+                "trace {case} {} {}: {}",
+                call.rpc(),
+                outcome.label(),
+                fold(message)
+            );
+        }
         tally.record(case, &call, &outcome, finding);
     }
 }
@@ -1029,6 +1053,7 @@ async fn every_rpc_answers_hostile_input_within_the_spec() {
     }
     let controller_pid = infra.plugin.pid().expect("controller pid");
     let node_pid = node.process.pid().expect("node pid");
+    let mounts_before = mount_points(node_pid);
 
     let t = Instant::now();
     let mut tally = Tally::default();
@@ -1160,9 +1185,18 @@ async fn every_rpc_answers_hostile_input_within_the_spec() {
         &infra.tenant.labels,
         &infra.attached_anchor,
     ));
-    // Node: foreign mounts still there, victims outside the kubelet root untouched.
+    // Node: foreign mounts still there, no new mount outside the kubelet root, victims
+    // outside the kubelet root untouched.
     if alive(node_pid) {
         let mounted = mount_points(node_pid);
+        for m in mounted.difference(&mounts_before) {
+            if !m.starts_with(&node.kubelet) {
+                problems.push(format!(
+                    "the node plugin mounted something at {} (outside the kubelet root)",
+                    m.display()
+                ));
+            }
+        }
         for m in &node.foreign_mounts {
             if !mounted.contains(m) {
                 problems.push(format!(

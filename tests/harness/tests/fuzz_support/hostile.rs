@@ -333,8 +333,34 @@ pub fn capability() -> BoxedStrategy<csi::VolumeCapability> {
         .boxed()
 }
 
+/// A capability every part of the driver accepts for some volume, so that requests get
+/// past capability checks to the code behind them.
+pub fn benign_capability() -> BoxedStrategy<csi::VolumeCapability> {
+    let mount = |fs: &str, mode: i32| csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.to_owned(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode { mode }),
+    };
+    let block = |mode: i32| csi::VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode { mode }),
+    };
+    select(vec![
+        mount("", 1),
+        mount("ext4", 1),
+        mount("xfs", 7),
+        block(1),
+        block(5),
+        block(2),
+    ])
+    .boxed()
+}
+
 pub fn opt_capability() -> BoxedStrategy<Option<csi::VolumeCapability>> {
     weighted(vec![
+        (6, benign_capability().prop_map(Some).boxed()),
         (6, capability().prop_map(Some).boxed()),
         (1, Just(None).boxed()),
     ])
@@ -343,6 +369,7 @@ pub fn opt_capability() -> BoxedStrategy<Option<csi::VolumeCapability>> {
 /// None, one, or mount and block together, or three.
 pub fn capabilities() -> BoxedStrategy<Vec<csi::VolumeCapability>> {
     weighted(vec![
+        (8, vec(benign_capability(), 1..2).boxed()),
         (8, vec(capability(), 1..2).boxed()),
         (1, Just(Vec::new()).boxed()),
         (2, vec(capability(), 2..4).boxed()),
@@ -455,7 +482,8 @@ fn topology_requirement() -> BoxedStrategy<Option<csi::TopologyRequirement>> {
 /// real objects and aliases of them are tried.
 #[derive(Clone, Debug)]
 pub struct Pools {
-    /// Volume ids the fuzz may address exactly (and delete, expand, publish...).
+    /// Volume ids the fuzz may address exactly (and delete, expand, publish...); also the
+    /// ids CreateVolume gives `create_names`. The first is the tenant's worker.
     pub volumes: Vec<String>,
     /// Volume ids of volumes the fuzz must never change: only aliases of them are sent.
     pub anchor_volumes: Vec<String>,
@@ -495,6 +523,9 @@ impl Pools {
         // Anchors only ever appear altered.
         let anchors = self.anchor_volumes.clone();
         weighted(vec![
+            // Volumes that exist (or that CreateVolume may have made), exactly: so that
+            // publish, expand and delete get past the lookup with hostile other fields.
+            (4, pick_owned(&self.volumes)),
             (6, id_from(&exact)),
             (
                 3,
@@ -531,7 +562,10 @@ impl Pools {
     }
 
     fn node_id(&self) -> BoxedStrategy<String> {
-        id_from(&self.node_ids)
+        weighted(vec![
+            (4, pick_owned(&self.node_ids[..1])),
+            (5, id_from(&self.node_ids)),
+        ])
     }
 
     fn create_name(&self) -> BoxedStrategy<String> {
@@ -754,10 +788,16 @@ pub fn strategies(p: &Pools) -> Vec<(&'static str, u32, BoxedStrategy<Call>)> {
         (
             p.any_volume(),
             p.node_id(),
-            opt_capability(),
+            weighted(vec![
+                (2, benign_capability().prop_map(Some).boxed()),
+                (1, opt_capability()),
+            ]),
             any::<bool>(),
             secrets(),
-            map(CONTEXT_KEYS, CONTEXT_VALUES),
+            weighted(vec![
+                (2, Just(HashMap::new()).boxed()),
+                (1, map(CONTEXT_KEYS, CONTEXT_VALUES)),
+            ]),
         )
             .prop_map(
                 |(volume_id, node_id, volume_capability, readonly, secrets, volume_context)| {
