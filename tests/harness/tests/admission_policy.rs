@@ -1149,15 +1149,9 @@ async fn declarative_hotplug_passes_kubevirts_webhooks_and_the_policy() {
         .await
         .unwrap();
 
-    // What KubeVirt needs around it: the namespace's default ServiceAccount for launcher
-    // pods (no controller-manager makes it), and a bound claim to hotplug.
+    // What KubeVirt needs around it: a bound claim to hotplug (the bed gives every namespace
+    // its default ServiceAccount, as kube-controller-manager would).
     let pp = PostParams::default();
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
-    Api::<ServiceAccount>::namespaced(admin.clone(), NS)
-        .create(&pp, &sa)
-        .await
-        .unwrap();
     let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
         "metadata": {"name": "pv-kvcsi-data-1"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
