@@ -102,7 +102,8 @@ impl Driver {
                     .map_err(ControllerError::infra(format!("reading volume {volume}")))?
                     .is_none()
                 {
-                    return Err(ControllerError::FailedPrecondition(format!(
+                    // Still provisioning: the snapshotter retries on ABORTED.
+                    return Err(ControllerError::Aborted(format!(
                         "volume {volume} has no infra claim yet; it can be snapshotted once it is provisioned"
                     )));
                 }
@@ -161,6 +162,7 @@ impl Driver {
         };
         let what = format!("snapshot {name} to be ready");
         let tenant = self.infra.tenant().clone();
+        let mut last_error: Option<String> = None;
         let ready = wait_for(
             self.infra.snapshots.clone(),
             &name,
@@ -173,11 +175,13 @@ impl Driver {
                     ));
                 };
                 let status = vs.status.as_ref();
+                // external-snapshotter reports errors it retries itself (e.g. a source claim
+                // not bound yet) in status.error: keep waiting, and say it if time runs out.
                 if let Some(msg) = status
                     .and_then(|s| s.error.as_ref())
                     .and_then(|e| e.message.clone())
                 {
-                    return Progress::Failed(format!("the infra snapshot failed: {msg}"));
+                    last_error = Some(msg);
                 }
                 if status.and_then(|s| s.ready_to_use) == Some(true) {
                     Progress::Done
@@ -201,9 +205,12 @@ impl Driver {
                 vs
             }
             Err(e) => {
+                let reported = last_error
+                    .map(|m| format!(" (the infra snapshot reports: {m})"))
+                    .unwrap_or_default();
                 return Err(crate::volumes::wait_error(
                     e,
-                    format!("taking snapshot {name} of volume {volume}"),
+                    format!("taking snapshot {name} of volume {volume}{reported}"),
                 ));
             }
         };
