@@ -44,6 +44,21 @@ pub enum Bed {
     KubeVirt(GateProfile),
 }
 
+/// The command-line names of the beds (`--bed` of kvcsi-sanity and kvcsi-local-up).
+impl std::str::FromStr for Bed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "standin" => Ok(Self::Standin),
+            "hotplug" => Ok(Self::KubeVirt(GateProfile::HotplugVolumes)),
+            "declarative" => Ok(Self::KubeVirt(GateProfile::DeclarativeOnly)),
+            other => Err(format!(
+                "unknown bed '{other}' (standin|hotplug|declarative)"
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StackOptions {
     pub bed: Bed,

@@ -8,7 +8,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kubevirt_csi_harness::kubevirt::GateProfile;
 use kubevirt_csi_harness::stack::{Bed, NodePlacement, Stack, StackOptions};
 use kubevirt_csi_harness::tools::Tools;
 
@@ -18,31 +17,12 @@ enum Node {
     Vm,
 }
 
-/// The infra bed (see `kubevirt_csi_harness::stack::Bed`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum BedArg {
-    /// The stand-in plays all of KubeVirt and CDI.
-    Standin,
-    /// KubeVirt's own virt-api and virt-controller with the `HotplugVolumes` gate.
-    Hotplug,
-    /// KubeVirt's own virt-api and virt-controller with `DeclarativeHotplugVolumes` only.
-    Declarative,
-}
-
-impl From<BedArg> for Bed {
-    fn from(b: BedArg) -> Self {
-        match b {
-            BedArg::Standin => Bed::Standin,
-            BedArg::Hotplug => Bed::KubeVirt(GateProfile::HotplugVolumes),
-            BedArg::Declarative => Bed::KubeVirt(GateProfile::DeclarativeOnly),
-        }
-    }
-}
-
 #[derive(Debug, Parser)]
 struct Args {
-    #[arg(long, value_enum, default_value = "standin")]
-    bed: BedArg,
+    /// The infra bed: `hotplug` or `declarative` (KubeVirt's own virt-api and
+    /// virt-controller with that gate profile), or `standin`.
+    #[arg(long, default_value = "standin")]
+    bed: Bed,
     #[arg(long, value_enum, default_value = "vm")]
     node: Node,
     #[arg(long, default_value = "scsi")]
@@ -62,7 +42,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error + Send + 
             Node::Vm => NodePlacement::Vm,
         },
         bus: args.bus.clone(),
-        bed: args.bed.into(),
+        bed: args.bed,
         ..Default::default()
     })
     .await?;
