@@ -109,6 +109,13 @@ pub enum NodeError {
         fs_type: String,
         source_desc: String,
     },
+    /// The target directory still holds entries after our mounts are gone: kubelet creates
+    /// it empty and nothing of ours writes there, so they are someone else's; we do not
+    /// delete them.
+    #[error(
+        "volume {volume_id}: target {path:?} is a directory that holds entries this plugin did not put there"
+    )]
+    TargetNotEmpty { volume_id: String, path: PathBuf },
     /// The disk behind a volume has gone from the node.
     #[error("volume {volume_id}: disk {devno} behind {path:?} is gone")]
     DiskGone {
@@ -212,6 +219,7 @@ impl NodeError {
             NodeError::NotAVolume { .. } => Code::NotFound,
             NodeError::NoVolumeAt { .. } => Code::NotFound,
             NodeError::NotOurs { .. } => Code::FailedPrecondition,
+            NodeError::TargetNotEmpty { .. } => Code::FailedPrecondition,
             NodeError::DiskGone { .. } => Code::NotFound,
             NodeError::NegativeCapacity { .. } => Code::InvalidArgument,
             NodeError::EmptyCapacityRange { .. } => Code::OutOfRange,
@@ -222,7 +230,19 @@ impl NodeError {
                 StateError::MountInfo(_) => Code::Internal,
             },
             NodeError::MountInfo(_) => Code::Internal,
-            NodeError::Mount { .. } => Code::Internal,
+            NodeError::Mount { source, .. } => match source {
+                // The kernel says the target is busy: another request (for another volume
+                // id, so not serialised by our per-volume lock) is mounting there. Retry.
+                MountError::Mount { errno, .. } | MountError::Bind { errno, .. }
+                    if *errno == nix::errno::Errno::EBUSY =>
+                {
+                    Code::Aborted
+                }
+                MountError::Mount { .. }
+                | MountError::Bind { .. }
+                | MountError::Remount { .. }
+                | MountError::Unmount { .. } => Code::Internal,
+            },
             NodeError::Io { .. } => Code::Internal,
         }
     }
@@ -242,6 +262,21 @@ impl From<NodeError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_mount_target_is_retried_other_mount_failures_are_internal() {
+        let mount = |errno| NodeError::Mount {
+            volume_id: "v".into(),
+            source: MountError::Mount {
+                source_path: "/dev/x".into(),
+                target: "/t".into(),
+                fs_type: "ext4".into(),
+                errno,
+            },
+        };
+        assert_eq!(mount(nix::errno::Errno::EBUSY).code(), Code::Aborted);
+        assert_eq!(mount(nix::errno::Errno::EIO).code(), Code::Internal);
+    }
 
     #[test]
     fn status_carries_code_and_source_chain() {

@@ -517,8 +517,13 @@ pub fn unpublish(cfg: &NodeConfig, volume_id: &str, target: &Path) -> Result<(),
         Err(e) => return Err(e.into()),
     };
     let remove = |dir: bool| {
-        remove_in(&parent, &name, dir)
-            .map_err(|e| io_err(volume_id, "remove target", target)(e.into()))
+        remove_in(&parent, &name, dir).map_err(|e| match e {
+            nix::errno::Errno::ENOTEMPTY => NodeError::TargetNotEmpty {
+                volume_id: volume_id.to_owned(),
+                path: target.to_owned(),
+            },
+            e => io_err(volume_id, "remove target", target)(e.into()),
+        })
     };
     match cfg.kubelet_root.open("target_path", target)? {
         None => return Ok(()),

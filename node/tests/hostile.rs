@@ -551,3 +551,22 @@ async fn a_failed_mount_leaves_no_record_behind() {
     );
     assert!(mount_at(&staging).is_some());
 }
+
+/// A target directory someone filled (kubelet makes it empty, and nothing of ours writes
+/// there) is refused with FAILED_PRECONDITION and left as it is, never INTERNAL, never
+/// emptied.
+#[tokio::test]
+async fn unpublish_leaves_a_target_that_holds_foreign_files() {
+    let env = Env::new();
+    let target = env.mkdir("pods/p/volumes/kubernetes.io~csi/v/mount");
+    std::fs::write(target.join("keep"), b"theirs").unwrap();
+    assert_eq!(
+        code(unpublish(&env.svc, "v", &target).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"theirs");
+    // Emptied by its owner, the same call succeeds and removes the target.
+    std::fs::remove_file(target.join("keep")).unwrap();
+    unpublish(&env.svc, "v", &target).await.unwrap();
+    assert!(!target.exists());
+}
