@@ -36,8 +36,9 @@ pub fn is_multi_node(mode: Mode) -> bool {
     )
 }
 
-/// Why one capability cannot be served, or `None` if it can.
-pub fn unsupported(cap: &VolumeCapability) -> Option<String> {
+/// Why a capability is malformed (a required field missing), if it is: the request itself
+/// is wrong, whatever volume it names, so callers check this before any lookup.
+pub fn malformed(cap: &VolumeCapability) -> Option<String> {
     let mode = cap
         .access_mode
         .as_ref()
@@ -46,11 +47,26 @@ pub fn unsupported(cap: &VolumeCapability) -> Option<String> {
     match (&cap.access_type, mode) {
         (None, _) => Some("volume capability has no access type (mount or block)".into()),
         (_, Mode::Unknown) => Some("volume capability has no access mode".into()),
-        (Some(AccessType::Mount(_)), m) if is_multi_node(m) => Some(format!(
+        _ => None,
+    }
+}
+
+/// Why one capability cannot be served (malformed, or asking what we cannot do), or `None`.
+pub fn unsupported(cap: &VolumeCapability) -> Option<String> {
+    if let Some(why) = malformed(cap) {
+        return Some(why);
+    }
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .and_then(|m| Mode::try_from(m.mode).ok())
+        .unwrap_or(Mode::Unknown);
+    match &cap.access_type {
+        Some(AccessType::Mount(_)) if is_multi_node(mode) => Some(format!(
             "multi-node access ({}) is supported for block volumes only; a filesystem on a shared disk would be corrupted",
-            m.as_str_name()
+            mode.as_str_name()
         )),
-        (Some(AccessType::Mount(m)), _) if !matches!(m.fs_type.as_str(), "" | "ext4" | "xfs") => {
+        Some(AccessType::Mount(m)) if !matches!(m.fs_type.as_str(), "" | "ext4" | "xfs") => {
             Some(format!(
                 "filesystem type {:?} is not supported (ext4, xfs)",
                 m.fs_type

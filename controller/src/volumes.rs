@@ -506,6 +506,13 @@ impl Driver {
                 "volume_capabilities is required".into(),
             ));
         }
+        if let Some(why) = req
+            .volume_capabilities
+            .iter()
+            .find_map(capability::malformed)
+        {
+            return Err(ControllerError::InvalidArgument(why));
+        }
         let dv = self.existing_volume(id).await?;
         let block = is_block(&dv);
         let mut problems = Vec::new();

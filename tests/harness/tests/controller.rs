@@ -1541,6 +1541,22 @@ async fn hostile_ids_and_foreign_objects_are_never_touched() {
         .collect();
     assert_eq!(ids, vec![real.clone()]);
 
+    // A malformed capability is the request's fault whatever volume it names.
+    for id in ["no-such-volume..", real.as_str()] {
+        assert_eq!(
+            code(
+                c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                    volume_id: id.to_string(),
+                    volume_capabilities: vec![csi::VolumeCapability::default()],
+                    ..Default::default()
+                })
+                .await
+            ),
+            Code::InvalidArgument,
+            "{id}"
+        );
+    }
+
     // Impossible sizes are OUT_OF_RANGE; names past the spec's 128 bytes INVALID_ARGUMENT.
     assert_eq!(
         code(
