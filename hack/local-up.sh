@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs the whole driver stack locally: infra cluster + KubeVirt/CDI stand-in, a QEMU worker
-# VM with the node plugin, the controller plugin, a guest cluster with
+# Runs the whole driver stack locally: infra cluster with KubeVirt's own virt-api and
+# virt-controller (v1.7, HotplugVolumes gate; CDI, kubelet and virt-handler are stand-ins),
+# a QEMU worker VM with the node plugin, the controller plugin, a guest cluster with
 # kube-controller-manager, and the real CSI sidecars. Kubeconfigs land in _output/local/.
+# KVCSI_LOCAL_BED=declarative|standin picks the DeclarativeHotplugVolumes-only profile or the
+# hand-written KubeVirt stand-in instead.
 #
 # Usage: hack/local-up.sh        build what is needed, run in the foreground until Ctrl-C
 #        hack/local-up.sh -d     same, detached: returns once ready (pid in _output/local/)
@@ -180,6 +183,7 @@ demo() {
   "$bin" demo --example deploy/example "$@"
 }
 
+bed=${KVCSI_LOCAL_BED:-hotplug}
 mode=fg
 case "${1:-}" in
   down) down; exit 0 ;;
@@ -201,7 +205,7 @@ rm -f "$out/ready" "$out/stack.env" "$envfile"
 if [ "$mode" = fg ]; then
   # In the foreground the binary's output goes to the terminal and to the log; Ctrl-C
   # reaches it directly, and TERM is passed on.
-  "$bin" up --out "$out" > >(tee "$logfile") 2>&1 &
+  "$bin" up --out "$out" --bed "$bed" > >(tee "$logfile") 2>&1 &
   pid=$!
   echo "$pid" >"$pidfile"
   trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
@@ -215,7 +219,7 @@ if [ "$mode" = fg ]; then
   exit "$rc"
 fi
 
-setsid "$bin" up --out "$out" >"$logfile" 2>&1 </dev/null &
+setsid "$bin" up --out "$out" --bed "$bed" >"$logfile" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$pidfile"
 wait_ready "$pid"

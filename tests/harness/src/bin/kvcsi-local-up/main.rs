@@ -1,5 +1,6 @@
 //! Brings up the whole driver stack on this machine for hands-on use (`up`): the infra
-//! cluster with the KubeVirt/CDI stand-in, a QEMU worker VM running the node plugin, the
+//! cluster with KubeVirt's own virt-api and virt-controller (or the stand-in, `--bed
+//! standin`), a QEMU worker VM running the node plugin, the
 //! controller plugin, a guest cluster with kube-controller-manager, and the real CSI
 //! sidecars. Writes admin kubeconfigs to `<out>/{infra,guest}.kubeconfig` and what a shell
 //! needs to reach the stack to `<out>/stack.env`, and stays in the foreground until
@@ -18,7 +19,7 @@ use clap::{Parser, Subcommand};
 use kubevirt_csi_harness::csi::connect_tcp;
 use kubevirt_csi_harness::guest::{FullStack, FullStackOptions};
 use kubevirt_csi_harness::kubelet::{KubeletStandin, bind_unscheduled_pods};
-use kubevirt_csi_harness::stack::StackOptions;
+use kubevirt_csi_harness::stack::{Bed, StackOptions};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -43,6 +44,10 @@ struct UpArgs {
     out: PathBuf,
     #[arg(long, default_value = "scsi")]
     bus: String,
+    /// The infra bed: `hotplug` or `declarative` (KubeVirt's own virt-api and
+    /// virt-controller with that gate profile), or `standin`.
+    #[arg(long, default_value = "hotplug")]
+    bed: Bed,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -121,6 +126,7 @@ async fn up(args: UpArgs) -> Result<(), BoxError> {
     let start = FullStack::start(FullStackOptions {
         stack: StackOptions {
             bus: args.bus.clone(),
+            bed: args.bed,
             ..Default::default()
         },
         ..Default::default()
@@ -153,11 +159,16 @@ async fn up(args: UpArgs) -> Result<(), BoxError> {
     println!(
         "kubevirt-csi local stack is up ({:.1}s).\n\n\
          infra cluster: tenant namespace {ns}, worker VM {vm} (QEMU), kubeconfig {infra}\n\
+         \x20              running {bed}\n\
          guest cluster: node {node}, sidecars running, kubeconfig {guest}\n\n\
          pods are bound to {node} by a scheduler stand-in, and a kubelet stand-in stages and\n\
          publishes their volumes inside the VM (no containers run: there is no runtime).\n\
          logs: {logs}\n",
         took.as_secs_f64(),
+        bed = match args.bed {
+            Bed::Standin => "the KubeVirt and CDI stand-in".to_string(),
+            Bed::KubeVirt(p) => format!("KubeVirt's virt-api and virt-controller ({p:?} gates)"),
+        },
         ns = fs.stack.tenant.namespace,
         vm = fs.node.vm_name,
         node = fs.node.name,
