@@ -17,7 +17,9 @@
 //!   then `UnMountedFromPod`. The domain is bookkeeping, except for a VMI that names a QMP
 //!   socket (annotation [`QMP_SOCKET_ANNOTATION`], as the stand-in's QEMU backend reads it):
 //!   its volumes are plugged into that QEMU with the worker VM's own QMP hotplug
-//!   ([`crate::vm::disk`]), backed by the PV's file, and only then counted in the domain.
+//!   ([`crate::vm::disk`]), backed by the PV's file, and only then counted in the domain;
+//!   when that file grows and the `KubeVirt` CR enables `ExpandDisks`, the disk is resized
+//!   in QEMU (virt-launcher's part of online expansion).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
