@@ -78,6 +78,8 @@ const SHRINK_STEPS: usize = 48;
 /// Time spent shrinking one class: a candidate can take as long as the plugin's longest
 /// wait, and shrinking only improves the report.
 const SHRINK_BUDGET: Duration = Duration::from_secs(20);
+/// Time spent shrinking all classes; the classes left are reported unshrunk.
+const SHRINK_TOTAL: Duration = Duration::from_secs(90);
 
 const TENANT_NS: &str = "tenant-f";
 const NODE_ID: &str = "tenant-f/worker-0";
@@ -637,6 +639,10 @@ struct NodeBed {
     foreign_mounts: Vec<PathBuf>,
     /// Files and directories outside the kubelet root that must survive.
     victims: Vec<PathBuf>,
+    /// A directory outside the kubelet root that symlinks under it point into, and what it
+    /// held before the fuzz.
+    outside: PathBuf,
+    outside_before: BTreeSet<PathBuf>,
     kubelet: PathBuf,
     // Drop order: plugin (its namespace and mounts go), then our mounts, loops, directory.
     _mounts: OwnMounts,
@@ -817,6 +823,8 @@ async fn node_bed() -> (NodeBed, NodePools) {
             channel,
             foreign_mounts: vec![foreign_ext4, foreign_tmpfs],
             victims: vec![victim_file, victim_dir],
+            outside_before: tree(&outside),
+            outside: outside.clone(),
             kubelet: kubelet.clone(),
             _mounts: mounts,
             _loops: vec![disk, foreign_disk],
@@ -847,6 +855,55 @@ fn alive(pid: u32) -> bool {
             Some(state != "Z" && state != "X")
         })
         .unwrap_or(false)
+}
+
+/// Samples the node plugin's mount table while the fuzz runs and keeps every new mount
+/// point outside the kubelet root: a mount made through a symlink that climbs out may be
+/// undone by a later request before the end of the run.
+struct MountWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<BTreeSet<PathBuf>>,
+}
+
+impl MountWatch {
+    fn start(pid: u32, before: BTreeSet<PathBuf>, kubelet: PathBuf) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut escaped = BTreeSet::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for m in mount_points(pid).difference(&before) {
+                    if !m.starts_with(&kubelet) {
+                        escaped.insert(m.clone());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            escaped
+        });
+        MountWatch { stop, thread }
+    }
+
+    fn stop(self) -> BTreeSet<PathBuf> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("mount watch")
+    }
+}
+
+/// Every path below `dir` (not following symlinks).
+fn tree(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p.clone());
+            }
+            out.insert(p);
+        }
+    }
+    out
 }
 
 fn mount_points(pid: u32) -> BTreeSet<PathBuf> {
@@ -896,12 +953,15 @@ fn generate(
     (idx, Box::new(tree))
 }
 
+type Example = (u64, Finding, String);
+
 #[derive(Default)]
 struct Tally {
     /// rpc → outcome label → count.
     counts: BTreeMap<&'static str, BTreeMap<String, u64>>,
-    /// class → (count, first case, finding, request).
-    findings: BTreeMap<String, (u64, u64, Finding, String)>,
+    /// class → how often, and examples (case, finding, request): the first two seen and the
+    /// three shortest.
+    findings: BTreeMap<String, (u64, Vec<Example>)>,
     sent: u64,
 }
 
@@ -915,17 +975,13 @@ impl Tally {
             .entry(outcome.label())
             .or_default() += 1;
         if let Some(f) = finding {
-            let e = self
-                .findings
-                .entry(f.class.clone())
-                .or_insert_with(|| (0, case, f.clone(), call.describe()));
+            let e = self.findings.entry(f.class.clone()).or_default();
             e.0 += 1;
-            // Keep the shortest example of each class.
-            let d = call.describe();
-            if d.len() < e.3.len() {
-                e.1 = case;
-                e.2 = f;
-                e.3 = d;
+            e.1.push((case, f, call.describe()));
+            if e.1.len() > 5 {
+                // Keep the first two; of the rest, the three shortest.
+                e.1[2..].sort_by_key(|x| x.2.len());
+                e.1.truncate(5);
             }
         }
     }
@@ -1054,6 +1110,7 @@ async fn every_rpc_answers_hostile_input_within_the_spec() {
     let controller_pid = infra.plugin.pid().expect("controller pid");
     let node_pid = node.process.pid().expect("node pid");
     let mounts_before = mount_points(node_pid);
+    let escapes = MountWatch::start(node_pid, mounts_before.clone(), node.kubelet.clone());
 
     let t = Instant::now();
     let mut tally = Tally::default();
@@ -1132,32 +1189,58 @@ async fn every_rpc_answers_hostile_input_within_the_spec() {
     // its job (the CO retries DEADLINE_EXCEEDED); it is printed, not failed. The same answer
     // when the request is sent alone fails.
     let mut under_load = Vec::new();
-    for (class, (count, case, finding, request)) in &tally.findings {
-        let (req, detail, note) = if class.ends_with("(hang)") {
-            (request.clone(), finding.detail.clone(), "not shrunk")
-        } else {
-            match shrink(
-                &clients,
-                &strategies,
-                &unadvertised,
-                seed,
-                *case,
-                class,
-                SHRINK_BUDGET,
-            )
-            .await
-            {
-                Shrunk::Alone(call, f) if call.describe().len() <= request.len() => {
-                    (call.describe(), f.detail, "shrunk, reproduces alone")
+    let shrinking = Instant::now();
+    for (class, (count, examples)) in &tally.findings {
+        // Shortest first; the first example that fails the same way when sent alone is
+        // shrunk and reported. A class none of whose examples reproduces alone failed only
+        // as collateral of concurrent requests.
+        let mut examples = examples.clone();
+        examples.sort_by_key(|x| x.2.len());
+        let mut found = None;
+        let mut alone_answers = Vec::new();
+        let in_budget = shrinking.elapsed() < SHRINK_TOTAL;
+        if in_budget && !class.ends_with("(hang)") {
+            for (case, finding, request) in &examples {
+                match shrink(
+                    &clients,
+                    &strategies,
+                    &unadvertised,
+                    seed,
+                    *case,
+                    class,
+                    SHRINK_BUDGET,
+                )
+                .await
+                {
+                    Shrunk::Alone(call, f) => {
+                        let (req, detail, note) = if call.describe().len() <= request.len() {
+                            (call.describe(), f.detail, "shrunk, reproduces alone")
+                        } else {
+                            (request.clone(), finding.detail.clone(), "reproduces alone")
+                        };
+                        found = Some((*case, req, detail, note));
+                        break;
+                    }
+                    Shrunk::NotAlone(o) => alone_answers.push(o.label()),
                 }
-                Shrunk::Alone(..) => (request.clone(), finding.detail.clone(), "reproduces alone"),
-                Shrunk::NotAlone(o) => (
-                    request.clone(),
-                    format!("{} (alone it answers {})", finding.detail, o.label()),
-                    "did NOT reproduce alone: collateral of a concurrent request",
-                ),
             }
-        };
+        }
+        let (case, req, detail, note) = found.unwrap_or_else(|| {
+            let (case, finding, request) = &examples[0];
+            let note = if class.ends_with("(hang)") {
+                "not shrunk"
+            } else if !in_budget {
+                "not shrunk: the time for shrinking is spent"
+            } else {
+                "did NOT reproduce alone: collateral of concurrent requests"
+            };
+            let detail = if alone_answers.is_empty() {
+                finding.detail.clone()
+            } else {
+                format!("{} (alone: {})", finding.detail, alone_answers.join(", "))
+            };
+            (*case, request.clone(), detail, note)
+        });
         let line = format!(
             "{class} ×{count} (case {case}; {note}):\n    request: {}\n    answer:  {}",
             fold(&req),
@@ -1189,13 +1272,11 @@ async fn every_rpc_answers_hostile_input_within_the_spec() {
     // outside the kubelet root untouched.
     if alive(node_pid) {
         let mounted = mount_points(node_pid);
-        for m in mounted.difference(&mounts_before) {
-            if !m.starts_with(&node.kubelet) {
-                problems.push(format!(
-                    "the node plugin mounted something at {} (outside the kubelet root)",
-                    m.display()
-                ));
-            }
+        for m in escapes.stop() {
+            problems.push(format!(
+                "the node plugin mounted something at {} (outside the kubelet root)",
+                m.display()
+            ));
         }
         for m in &node.foreign_mounts {
             if !mounted.contains(m) {
@@ -1213,6 +1294,18 @@ async fn every_rpc_answers_hostile_input_within_the_spec() {
     }
     if std::fs::read(&node.victims[0]).ok().as_deref() != Some(b"keep".as_slice()) {
         problems.push(format!("{} was overwritten", node.victims[0].display()));
+    }
+    let outside_after = tree(&node.outside);
+    for p in outside_after.symmetric_difference(&node.outside_before) {
+        let what = if outside_after.contains(p) {
+            "created"
+        } else {
+            "removed"
+        };
+        problems.push(format!(
+            "the node plugin {what} {} (outside the kubelet root, reached through a symlink)",
+            p.display()
+        ));
     }
 
     if !report.is_empty() {
