@@ -796,10 +796,10 @@ async fn resize_grown(
         if !expand_disks_enabled(env.admin).await? {
             continue;
         }
-        // The node name `crate::vm::disk` gives the disk's blockdev.
+        // The block-node name `crate::vm::disk` gave the disk when it plugged it.
         qmp.execute(
             "block_resize",
-            Some(json!({"node-name": format!("blk-{id}"), "size": now})),
+            Some(json!({"node-name": crate::vm::disk::node_name(&id), "size": now})),
         )
         .await?;
     }

@@ -93,7 +93,8 @@ pub(crate) fn root_port_id(n: usize) -> String {
     format!("hp{n}")
 }
 
-fn node_name(id: &str) -> String {
+/// QEMU's block-node name for a disk id (also used to resize a plugged disk).
+pub(crate) fn node_name(id: &str) -> String {
     format!("blk-{id}")
 }
 
