@@ -231,10 +231,14 @@ impl NodeError {
             },
             NodeError::MountInfo(_) => Code::Internal,
             NodeError::Mount { source, .. } => match source {
-                // The kernel says the target is busy: another request (for another volume
-                // id, so not serialised by our per-volume lock) is mounting there. Retry.
-                MountError::Mount { errno, .. } | MountError::Bind { errno, .. }
-                    if *errno == nix::errno::Errno::EBUSY =>
+                // The target is busy (another request, for another volume id and so not
+                // serialised by our per-volume lock, is mounting there, or something holds
+                // the mount open), or it vanished under us after we resolved it: the state
+                // moved while we acted. Retry.
+                MountError::Mount { errno, .. }
+                | MountError::Bind { errno, .. }
+                | MountError::Unmount { errno, .. }
+                    if matches!(*errno, nix::errno::Errno::EBUSY | nix::errno::Errno::ENOENT) =>
                 {
                     Code::Aborted
                 }

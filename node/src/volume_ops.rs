@@ -191,9 +191,9 @@ pub fn stage(cfg: &NodeConfig, req: &Stage) -> Result<(), NodeError> {
             };
             if let Some(m) = mounted {
                 if m.devno == disk.devno {
-                    // This volume's disk, at the path the CO gave for it: ours to record
-                    // if a crash (or an earlier version) left it unrecorded.
-                    return ensure_recorded(cfg, &req.volume_id, &staging.real, ours);
+                    // This volume's disk, at the path the CO gave for it: a retry if we
+                    // recorded it.
+                    return require_recorded(cfg, &req.volume_id, &staging.real, m, ours);
                 }
                 return Err(NodeError::DifferentDevice {
                     volume_id: req.volume_id.clone(),
@@ -264,13 +264,15 @@ fn forget_failed(cfg: &NodeConfig, path: &Path, err: NodeError) -> NodeError {
     err
 }
 
-/// Records a mount of this volume found in place (idempotent calls after a crash between
-/// mounting and recording cannot happen, since records come first; this covers mounts made
-/// by a version that did not record them).
-fn ensure_recorded(
+/// The mount at `path` looks like this volume's: it is ours only if we recorded it. The
+/// record is written before every mount we make, so an unrecorded one (after the one-time
+/// adoption of an earlier version's mounts at start-up) was made by someone else, even on
+/// this volume's own disk, and must never be adopted and later unmounted.
+fn require_recorded(
     cfg: &NodeConfig,
     volume_id: &str,
     path: &Path,
+    mounted: &crate::mountinfo::MountEntry,
     how: MountedAs,
 ) -> Result<(), NodeError> {
     if cfg
@@ -281,9 +283,12 @@ fn ensure_recorded(
     {
         return Ok(());
     }
-    cfg.state
-        .put_mount(path, volume_id, how)
-        .map_err(state_err(volume_id))
+    Err(NodeError::NotOurs {
+        volume_id: volume_id.to_owned(),
+        path: path.to_owned(),
+        fs_type: mounted.fs_type.clone(),
+        source_desc: mounted.source.clone(),
+    })
 }
 
 /// NodePublish: bind the staged filesystem (or the disk's device node) onto the target.
@@ -329,7 +334,7 @@ pub fn publish(cfg: &NodeConfig, req: &Publish) -> Result<(), NodeError> {
                     });
                 }
                 same_read_only(req, &target.real, m.mount_is_read_only())?;
-                return ensure_recorded(cfg, &req.volume_id, &target.real, ours);
+                return require_recorded(cfg, &req.volume_id, &target.real, m, ours);
             }
             cfg.state
                 .put_mount(&target.real, &req.volume_id, ours)
@@ -367,7 +372,7 @@ pub fn publish(cfg: &NodeConfig, req: &Publish) -> Result<(), NodeError> {
                     });
                 }
                 same_read_only(req, &target.real, m.mount_is_read_only())?;
-                return ensure_recorded(cfg, &req.volume_id, &target.real, ours);
+                return require_recorded(cfg, &req.volume_id, &target.real, m, ours);
             }
             cfg.state
                 .put_mount(&target.real, &req.volume_id, ours)
@@ -461,49 +466,45 @@ fn prepare_target(cfg: &NodeConfig, req: &Publish, dir: bool) -> Result<Resolved
     Ok(target)
 }
 
-/// Unmounts every mount stacked at exactly `path` (a retried publish can leave two) as long
-/// as it is the one this plugin recorded there; mounts at parents of `path` are never
-/// touched, and an unrecorded mount is left in place and reported.
+/// Unmounts the one mount this plugin recorded at exactly `path`, if it is the topmost one
+/// there, and forgets the record. One record stands for one mount: a mount of the same disk
+/// stacked beneath ours (someone else's, indistinguishable by device and root) is never
+/// taken for a second one of ours. Mounts at parents of `path` are never touched, and an
+/// unrecorded mount is left in place and reported.
 fn unmount_recorded(
     cfg: &NodeConfig,
     volume_id: &str,
     field: &'static str,
     path: &Path,
 ) -> Result<(), NodeError> {
-    // Bounded so a mount that keeps coming back cannot spin us forever.
-    for _ in 0..16 {
-        let Some(at) = cfg.kubelet_root.open(field, path)? else {
-            return Ok(());
-        };
-        let table = MountTable::read()?;
-        let Some(top) = table.top_at(&at.real) else {
-            return cfg
-                .state
-                .remove_mount(&at.real)
-                .map_err(state_err(volume_id));
-        };
-        let record = cfg.state.mount(&at.real).map_err(state_err(volume_id))?;
-        if !record.is_some_and(|r| r.matches(top, at.rdev())) {
-            return Err(NodeError::NotOurs {
-                volume_id: volume_id.to_owned(),
-                path: at.real.clone(),
-                fs_type: top.fs_type.clone(),
-                source_desc: top.source.clone(),
-            });
-        }
-        // umount2 cannot act on a descriptor (an open one keeps the mount busy), so this
-        // is by name: the kernel's own name for what was just checked, never following a
-        // final symlink.
-        let real = at.real.clone();
-        drop(at);
-        unmount(&real).map_err(mount_err(volume_id))?;
+    let Some(at) = cfg.kubelet_root.open(field, path)? else {
+        return Ok(());
+    };
+    let table = MountTable::read()?;
+    let Some(top) = table.top_at(&at.real) else {
+        return cfg
+            .state
+            .remove_mount(&at.real)
+            .map_err(state_err(volume_id));
+    };
+    let record = cfg.state.mount(&at.real).map_err(state_err(volume_id))?;
+    if !record.is_some_and(|r| r.matches(top, at.rdev())) {
+        return Err(NodeError::NotOurs {
+            volume_id: volume_id.to_owned(),
+            path: at.real.clone(),
+            fs_type: top.fs_type.clone(),
+            source_desc: top.source.clone(),
+        });
     }
-    Err(NodeError::Io {
-        volume_id: volume_id.to_owned(),
-        action: "unmount all mounts at",
-        path: path.to_owned(),
-        source: std::io::Error::other("mounts keep reappearing"),
-    })
+    // umount2 cannot act on a descriptor (an open one keeps the mount busy), so this is by
+    // name: the kernel's own name for what was just checked, never following a final
+    // symlink.
+    let real = at.real.clone();
+    drop(at);
+    unmount(&real).map_err(mount_err(volume_id))?;
+    // Whatever is still mounted there was there before ours and is not ours: left alone
+    // (unpublish then cannot remove the target, and says so).
+    cfg.state.remove_mount(&real).map_err(state_err(volume_id))
 }
 
 /// NodeUnpublish: unmount the target (only what this plugin mounted there) and delete it.
@@ -518,7 +519,8 @@ pub fn unpublish(cfg: &NodeConfig, volume_id: &str, target: &Path) -> Result<(),
     };
     let remove = |dir: bool| {
         remove_in(&parent, &name, dir).map_err(|e| match e {
-            nix::errno::Errno::ENOTEMPTY => NodeError::TargetNotEmpty {
+            // Not empty, or still a mount point of someone else's mount.
+            nix::errno::Errno::ENOTEMPTY | nix::errno::Errno::EBUSY => NodeError::TargetNotEmpty {
                 volume_id: volume_id.to_owned(),
                 path: target.to_owned(),
             },
@@ -554,8 +556,15 @@ pub fn unstage(cfg: &NodeConfig, volume_id: &str, staging: &Path) -> Result<(), 
         && dir.kind == Kind::Directory
         && MountTable::read()?.top_at(&dir.real).is_none()
     {
-        remove_in(&dir, OsStr::new(LEGACY_BLOCK_FILE), false)
-            .map_err(|e| io_err(volume_id, "remove", &real.join(LEGACY_BLOCK_FILE))(e.into()))?;
+        match remove_in(&dir, OsStr::new(LEGACY_BLOCK_FILE), false) {
+            // A directory of that name is not the file an earlier version wrote: not ours.
+            Ok(()) | Err(nix::errno::Errno::EISDIR) => {}
+            Err(e) => {
+                return Err(io_err(volume_id, "remove", &real.join(LEGACY_BLOCK_FILE))(
+                    e.into(),
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -570,3 +570,36 @@ async fn unpublish_leaves_a_target_that_holds_foreign_files() {
     unpublish(&env.svc, "v", &target).await.unwrap();
     assert!(!target.exists());
 }
+
+/// Someone else's mount of the very disk a volume is staged from, underneath our staging
+/// mount at the same path: one record stands for one mount, so unstaging removes ours and
+/// never the one beneath, although the two look alike (same device, same root).
+#[tokio::test]
+async fn unstage_removes_our_mount_and_never_the_alike_one_beneath() {
+    let mut env = Env::new();
+    let staging = env.path("staging/stacked");
+    let d = foreign_ext4_mount(&mut env, "kvcsi-stacked", &staging);
+    let beneath = mount_at(&staging).expect("foreign mount");
+    // Whatever stage answers over a mount it did not make, unstage must leave that mount.
+    let _ = stage(&env.svc, "s", &staging, "kvcsi-stacked").await;
+    let _ = unstage(&env.svc, "s", &staging).await;
+    let _ = unstage(&env.svc, "s", &staging).await;
+    let left = mount_at(&staging).expect("the foreign mount is still there");
+    assert_eq!(left.devno, env.disks[d].devno);
+    assert_eq!(
+        left.mount_id, beneath.mount_id,
+        "the mount left is the foreign one"
+    );
+}
+
+/// Only the file an earlier version wrote is cleaned up from a staging directory: a
+/// directory under that name is left, and unstage still answers OK.
+#[tokio::test]
+async fn unstage_leaves_a_directory_named_like_the_old_marker() {
+    let env = Env::new();
+    let staging = env.mkdir("staging/marker-dir");
+    let dir = staging.join(kubevirt_csi_node::volume_ops::LEGACY_BLOCK_FILE);
+    std::fs::create_dir(&dir).unwrap();
+    unstage(&env.svc, "m", &staging).await.unwrap();
+    assert!(dir.is_dir());
+}
