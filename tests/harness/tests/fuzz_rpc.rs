@@ -15,7 +15,9 @@
 //!
 //! `KVCSI_FUZZ_CASES` (default 20000) sets the number of requests, `KVCSI_FUZZ_SEED` the
 //! seed (printed; default fixed), `KVCSI_FUZZ_CONCURRENCY` the requests in flight (32) and
-//! `KVCSI_FUZZ_ONLY` a comma-separated subset of RPCs. Every failure class is shrunk by proptest against the live
+//! `KVCSI_FUZZ_ONLY` a comma-separated subset of RPCs, `KVCSI_FUZZ_TRACE` RPCs whose every
+//! answer is printed. The plugin binaries are the ones in the target directory: build them
+//! first (`cargo build --bins`). Every failure class is shrunk by proptest against the live
 //! processes and printed with its minimal request and its case number.
 
 mod fuzz_support;
