@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Volume ids with an RPC in progress.
+/// Keys (volume ids, and the disks and paths an RPC works on) with an RPC in progress.
 #[derive(Debug, Clone, Default)]
 pub struct InFlight {
     ids: Arc<Mutex<HashSet<String>>>,
@@ -23,25 +23,38 @@ impl InFlight {
 
     /// Claims the volume, or `None` when another RPC holds it.
     pub fn try_claim(&self, volume_id: &str) -> Option<InFlightGuard> {
-        self.set()
-            .insert(volume_id.to_owned())
-            .then(|| InFlightGuard {
-                owner: self.clone(),
-                volume_id: volume_id.to_owned(),
-            })
+        self.try_claim_all(&[volume_id.to_owned()])
+    }
+
+    /// Claims every key at once, or none of them when another RPC holds any: two requests
+    /// for different volume ids can still name the same disk or path, and must not mkfs,
+    /// mount or record it at the same time.
+    pub fn try_claim_all(&self, keys: &[String]) -> Option<InFlightGuard> {
+        let mut set = self.set();
+        if keys.iter().any(|k| set.contains(k)) {
+            return None;
+        }
+        set.extend(keys.iter().cloned());
+        Some(InFlightGuard {
+            owner: self.clone(),
+            keys: keys.to_vec(),
+        })
     }
 }
 
-/// Releases the volume when dropped, so every return path (and a panic) frees it.
+/// Releases the keys when dropped, so every return path (and a panic) frees them.
 #[derive(Debug)]
 pub struct InFlightGuard {
     owner: InFlight,
-    volume_id: String,
+    keys: Vec<String>,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.owner.set().remove(&self.volume_id);
+        let mut set = self.owner.set();
+        for k in &self.keys {
+            set.remove(k);
+        }
     }
 }
 
@@ -57,5 +70,17 @@ mod tests {
         assert!(f.try_claim("b").is_some());
         drop(g);
         assert!(f.try_claim("a").is_some());
+    }
+
+    #[test]
+    fn a_shared_disk_or_path_blocks_a_second_volume() {
+        let f = InFlight::default();
+        let keys = |v: &str, k: &str| vec![v.to_string(), k.to_string()];
+        let g = f.try_claim_all(&keys("a", "disk:s1")).unwrap();
+        assert!(f.try_claim_all(&keys("b", "disk:s1")).is_none());
+        // Nothing of the refused claim was kept.
+        assert!(f.try_claim("b").is_some());
+        drop(g);
+        assert!(f.try_claim_all(&keys("b", "disk:s1")).is_some());
     }
 }

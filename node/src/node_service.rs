@@ -48,8 +48,17 @@ impl NodeService {
     }
 
     fn claim(&self, volume_id: &str) -> Result<InFlightGuard, NodeError> {
+        self.claim_with(volume_id, &[])
+    }
+
+    /// Claims the volume together with the disk and paths the RPC mutates, so that a request
+    /// for another volume id naming the same disk or path waits its turn (ABORTED) instead
+    /// of formatting, mounting or recording it at the same time.
+    fn claim_with(&self, volume_id: &str, also: &[String]) -> Result<InFlightGuard, NodeError> {
+        let mut keys = vec![volume_id.to_owned()];
+        keys.extend(also.iter().cloned());
         self.inflight
-            .try_claim(volume_id)
+            .try_claim_all(&keys)
             .ok_or_else(|| NodeError::InFlight {
                 volume_id: volume_id.to_owned(),
             })
@@ -216,7 +225,13 @@ impl Node for NodeService {
             let publish = PublishContext::from_map(&req.publish_context).map_err(context_err)?;
             let volume = VolumeContext::from_map(&req.volume_context).map_err(context_err)?;
             require("publish_context.serial", &publish.serial)?;
-            let guard = self.claim(&volume_id)?;
+            let guard = self.claim_with(
+                &volume_id,
+                &[
+                    format!("disk:{}", publish.serial),
+                    format!("path:{}", req.staging_target_path),
+                ],
+            )?;
             let bus = publish.bus.or(volume.bus);
             let stage = Stage {
                 volume_id,
@@ -250,7 +265,8 @@ impl Node for NodeService {
                 .cfg
                 .kubelet_root
                 .check("staging_target_path", &req.staging_target_path)?;
-            let guard = self.claim(&volume_id)?;
+            let guard =
+                self.claim_with(&volume_id, &[format!("path:{}", req.staging_target_path)])?;
             Ok::<_, NodeError>((guard, volume_id, staging))
         };
         let (guard, volume_id, staging) = run.instrument(span.clone()).await?;
@@ -297,7 +313,7 @@ impl Node for NodeService {
                         .serial,
                 ),
             };
-            let guard = self.claim(&volume_id)?;
+            let guard = self.claim_with(&volume_id, &[format!("path:{}", req.target_path)])?;
             let publish = Publish {
                 volume_id,
                 staging_path,
@@ -330,7 +346,7 @@ impl Node for NodeService {
                 .cfg
                 .kubelet_root
                 .check("target_path", &req.target_path)?;
-            let guard = self.claim(&volume_id)?;
+            let guard = self.claim_with(&volume_id, &[format!("path:{}", req.target_path)])?;
             Ok::<_, NodeError>((guard, volume_id, target))
         };
         let (guard, volume_id, target) = run.instrument(span.clone()).await?;
