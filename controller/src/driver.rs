@@ -17,6 +17,10 @@ pub const ANN_ATTACHED_TO: &str = "csi.kubevirt.io/attached-to";
 /// Stops CDI from garbage-collecting a finished DataVolume (the guest PV points at it).
 pub const ANN_CDI_KEEP: &str = "cdi.kubevirt.io/storage.deleteAfterCompletion";
 
+/// Default `--max-volume-size`: 64 TiB, the largest block volume of the common clouds'
+/// disk offerings; operators whose infra provisions more raise it.
+pub const DEFAULT_MAX_VOLUME_BYTES: u64 = 64 << 40;
+
 /// How long each kind of operation may wait on the infra cluster. Each must stay below
 /// the timeout of the sidecar that calls it, so the sidecar sees our error, not its own.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +64,8 @@ pub struct Settings {
     pub volume_prefix: String,
     pub default_bus: Bus,
     pub max_volumes_per_vm: usize,
+    /// The largest volume CreateVolume and ControllerExpandVolume accept (OUT_OF_RANGE above).
+    pub max_volume_bytes: u64,
     pub hotplug_mode: HotplugMode,
     pub timeouts: Timeouts,
     pub config: ConfigFile,
@@ -71,6 +77,7 @@ impl Default for Settings {
             volume_prefix: "kvcsi-".into(),
             default_bus: Bus::Scsi,
             max_volumes_per_vm: 64,
+            max_volume_bytes: DEFAULT_MAX_VOLUME_BYTES,
             hotplug_mode: HotplugMode::Subresource,
             timeouts: Timeouts::default(),
             config: ConfigFile::default(),

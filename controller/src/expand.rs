@@ -34,7 +34,7 @@ impl Driver {
             .capacity_range
             .as_ref()
             .ok_or_else(|| ControllerError::InvalidArgument("capacity_range is required".into()))?;
-        let wanted = size_for(Some(range))?;
+        let wanted = size_for(Some(range), self.settings.max_volume_bytes)?;
         let _guard = self.locks.try_lock(id)?;
         let dv = self.existing_volume(id).await?;
         let block = match req

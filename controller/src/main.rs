@@ -65,6 +65,10 @@ struct Args {
     /// Hotplugged volumes allowed per worker VM.
     #[arg(long, default_value_t = 64)]
     max_volumes_per_vm: usize,
+    /// Largest volume to provision or grow to, as a Kubernetes quantity (e.g. 64Ti); larger
+    /// requests are OUT_OF_RANGE instead of claims no provisioner fills.
+    #[arg(long, value_parser = parse_size, default_value = "64Ti")]
+    max_volume_size: u64,
     /// How to hotplug: addvolume subresources, or by editing the VM spec.
     #[arg(long, value_enum, default_value = "subresource")]
     hotplug_mode: HotplugMode,
@@ -88,6 +92,14 @@ struct Args {
     snapshot_timeout: Duration,
     #[arg(long, value_enum, env = "LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    kubevirt_csi_controller::quantity::bytes(
+        &k8s_openapi::apimachinery::pkg::api::resource::Quantity(s.to_string()),
+    )
+    .filter(|b| *b > 0)
+    .ok_or_else(|| format!("{s:?} is not a positive size like 64Ti or 500Gi"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -169,6 +181,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             BusArg::Sata => Bus::Sata,
         },
         max_volumes_per_vm: args.max_volumes_per_vm,
+        max_volume_bytes: args.max_volume_size,
         hotplug_mode: args.hotplug_mode,
         timeouts: Timeouts {
             create: args.create_timeout,

@@ -95,16 +95,21 @@ impl Driver {
                     })?;
                 // The snapshot source is the claim by name: it must be the one CDI made for
                 // our DataVolume, never a foreign claim under that name.
-                if self
+                let claim = self
                     .infra
                     .claim_of(&dv)
                     .await
-                    .map_err(ControllerError::infra(format!("reading volume {volume}")))?
-                    .is_none()
-                {
-                    // Still provisioning: the snapshotter retries on ABORTED.
+                    .map_err(ControllerError::infra(format!("reading volume {volume}")))?;
+                let bound = claim
+                    .as_ref()
+                    .and_then(|c| c.status.as_ref())
+                    .and_then(|s| s.phase.as_deref())
+                    == Some("Bound");
+                if !bound {
+                    // Still provisioning (external-snapshotter would only wait on an unbound
+                    // source): ABORTED now, and the snapshotter retries.
                     return Err(ControllerError::Aborted(format!(
-                        "volume {volume} has no infra claim yet; it can be snapshotted once it is provisioned"
+                        "volume {volume} is not provisioned yet (its infra claim is not Bound); it can be snapshotted once it is"
                     )));
                 }
                 let storage_class = dv
@@ -203,6 +208,13 @@ impl Driver {
                     .is_some() =>
             {
                 vs
+            }
+            // The only state this wait gives up on: the snapshot was deleted (a concurrent
+            // DeleteSnapshot) or replaced under us. Start over.
+            Err(WaitError::Failed(why)) => {
+                return Err(ControllerError::Aborted(format!(
+                    "taking snapshot {name} of volume {volume}: {why}"
+                )));
             }
             Err(e) => {
                 let reported = last_error

@@ -26,11 +26,15 @@ use crate::quantity::{self, GIB, MIB};
 /// Size of a volume whose request gives no capacity.
 const DEFAULT_SIZE: u64 = GIB;
 /// The largest whole-MiB size that fits the i64 capacity fields of CSI.
-const MAX_SIZE: u64 = (i64::MAX as u64) / MIB * MIB;
+pub const MAX_SIZE: u64 = (i64::MAX as u64) / MIB * MIB;
 
 /// The bytes to request for a capacity range: the required size rounded up to MiB (what
 /// block storage allocates in), within the limit.
-pub fn size_for(range: Option<&csi::CapacityRange>) -> Result<u64, ControllerError> {
+///
+/// `max` is the operator's ceiling (`--max-volume-size`): a size above it is OUT_OF_RANGE at
+/// once, rather than a claim no provisioner can fill and a wait that times out on every
+/// retry.
+pub fn size_for(range: Option<&csi::CapacityRange>, max: u64) -> Result<u64, ControllerError> {
     let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
     if required < 0 || limit < 0 {
         return Err(ControllerError::InvalidArgument(format!(
@@ -53,9 +57,10 @@ pub fn size_for(range: Option<&csi::CapacityRange>) -> Result<u64, ControllerErr
     // Rounding i64::MAX up to a MiB leaves i64 (and the capacity we would report would turn
     // negative): the largest size we can provision is the last whole MiB below i64::MAX.
     let rounded = wanted.div_ceil(MIB) * MIB;
-    if rounded > MAX_SIZE {
+    let max = max.min(MAX_SIZE);
+    if rounded > max {
         return Err(ControllerError::OutOfRange(format!(
-            "required_bytes {required} is larger than any volume this driver can report ({MAX_SIZE} bytes)"
+            "required_bytes {required} is larger than the largest volume this driver provisions ({max} bytes, --max-volume-size)"
         )));
     }
     if limit > 0 && rounded > limit {
@@ -170,7 +175,7 @@ impl Driver {
             .storage_class_enforcement
             .check(params.infra_storage_class.as_deref())
             .map_err(ControllerError::InvalidArgument)?;
-        let size = size_for(req.capacity_range.as_ref())?;
+        let size = size_for(req.capacity_range.as_ref(), self.settings.max_volume_bytes)?;
         let dv_name = names::infra_name(&self.settings.volume_prefix, &req.name);
         let _guard = self.locks.try_lock(&dv_name)?;
 
@@ -723,43 +728,45 @@ mod tests {
 
     #[test]
     fn sizes_round_to_mib_within_limits() {
-        assert_eq!(size_for(None).unwrap(), GIB);
-        assert_eq!(size_for(Some(&range(1, 0))).unwrap(), MIB);
+        assert_eq!(size_for(None, MAX_SIZE).unwrap(), GIB);
+        assert_eq!(size_for(Some(&range(1, 0)), MAX_SIZE).unwrap(), MIB);
         assert_eq!(
-            size_for(Some(&range(10 * MIB as i64, 0))).unwrap(),
+            size_for(Some(&range(10 * MIB as i64, 0)), MAX_SIZE).unwrap(),
             10 * MIB
         );
         assert_eq!(
-            size_for(Some(&range(0, 100 * MIB as i64))).unwrap(),
+            size_for(Some(&range(0, 100 * MIB as i64)), MAX_SIZE).unwrap(),
             100 * MIB
         );
         assert_eq!(
-            size_for(Some(&range(MIB as i64 + 1, 2 * MIB as i64))).unwrap(),
+            size_for(Some(&range(MIB as i64 + 1, 2 * MIB as i64)), MAX_SIZE).unwrap(),
             2 * MIB
         );
         assert_eq!(
-            size_for(Some(&range(MIB as i64 + 1, MIB as i64 + 100)))
+            size_for(Some(&range(MIB as i64 + 1, MIB as i64 + 100)), MAX_SIZE)
                 .unwrap_err()
                 .code(),
             tonic::Code::OutOfRange
         );
         assert_eq!(
-            size_for(Some(&range(10, 5))).unwrap_err().code(),
+            size_for(Some(&range(10, 5)), MAX_SIZE).unwrap_err().code(),
             tonic::Code::OutOfRange
         );
         assert_eq!(
-            size_for(Some(&range(-1, 0))).unwrap_err().code(),
+            size_for(Some(&range(-1, 0)), MAX_SIZE).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
         for huge in [i64::MAX, i64::MAX - 1, MAX_SIZE as i64 + 1] {
             assert_eq!(
-                size_for(Some(&range(huge, 0))).unwrap_err().code(),
+                size_for(Some(&range(huge, 0)), MAX_SIZE)
+                    .unwrap_err()
+                    .code(),
                 tonic::Code::OutOfRange,
                 "{huge}"
             );
         }
         assert_eq!(
-            size_for(Some(&range(MAX_SIZE as i64, 0))).unwrap(),
+            size_for(Some(&range(MAX_SIZE as i64, 0)), MAX_SIZE).unwrap(),
             MAX_SIZE
         );
     }

@@ -1558,12 +1558,36 @@ async fn hostile_ids_and_foreign_objects_are_never_touched() {
     }
 
     // Impossible sizes are OUT_OF_RANGE; names past the spec's 128 bytes INVALID_ARGUMENT.
-    assert_eq!(
-        code(
-            c.create_volume(create_req("pvc-huge", i64::MAX, false, single, &[]))
+    for huge in [i64::MAX, 1 << 62, (64 << 40) + 1] {
+        assert_eq!(
+            code(
+                c.create_volume(create_req("pvc-huge", huge, false, single, &[]))
+                    .await
+            ),
+            Code::OutOfRange,
+            "{huge}"
+        );
+        assert_eq!(
+            code(
+                c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: real.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: huge,
+                        limit_bytes: 0
+                    }),
+                    ..Default::default()
+                })
                 .await
-        ),
-        Code::OutOfRange
+            ),
+            Code::OutOfRange,
+            "{huge}"
+        );
+    }
+    assert!(
+        dvs.get_opt(&infra_name("kvcsi-", "pvc-huge"))
+            .await
+            .unwrap()
+            .is_none()
     );
     for name in ["n".repeat(129), "n".repeat(300 * 1024)] {
         assert_eq!(
