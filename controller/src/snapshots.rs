@@ -216,13 +216,20 @@ impl Driver {
                     "taking snapshot {name} of volume {volume}: {why}"
                 )));
             }
-            Err(e) => {
+            // Not cut within our bound: the spec's "operation pending for snapshot", which
+            // the snapshotter retries; say what the infra snapshot reports meanwhile.
+            Err(WaitError::Infra(InfraError::Timeout { waited, .. })) => {
                 let reported = last_error
                     .map(|m| format!(" (the infra snapshot reports: {m})"))
                     .unwrap_or_default();
+                return Err(ControllerError::Aborted(format!(
+                    "snapshot {name} of volume {volume} is not cut after {waited:?}{reported}; still pending, retry"
+                )));
+            }
+            Err(e) => {
                 return Err(crate::volumes::wait_error(
                     e,
-                    format!("taking snapshot {name} of volume {volume}{reported}"),
+                    format!("taking snapshot {name} of volume {volume}"),
                 ));
             }
         };
