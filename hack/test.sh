@@ -16,5 +16,7 @@ stage clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 stage build cargo build --workspace --all-targets --locked
 stage test cargo test --workspace --locked -- --test-threads="${KVCSI_TEST_THREADS:-2}"
 stage local-up "$KVCSI_ROOT/hack/local-up-test.sh"
-# csi-sanity with the node plugin inside a QEMU worker VM: mount and block, scsi and virtio.
+# csi-sanity with the node plugin inside a QEMU worker VM, on KubeVirt's own virt-api and
+# virt-controller: mount and block, scsi and virtio, split over the two feature-gate profiles
+# (hack/sanity.sh says which runs on which).
 stage sanity "$KVCSI_ROOT/hack/sanity.sh" all all
