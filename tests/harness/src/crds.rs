@@ -76,11 +76,24 @@ pub fn load() -> Result<Vec<CustomResourceDefinition>, CrdError> {
 /// Applies the CRDs (server-side apply, so a second install is a no-op) and waits until
 /// each is Established.
 pub async fn install(client: &kube::Client) -> Result<Vec<String>, CrdError> {
+    install_where(client, |_| true).await
+}
+
+/// The CDI and snapshot CRDs only, for the KubeVirt bed: there KubeVirt's own CRDs come from
+/// its manifests (see [`crate::kubevirt`]), and applying ours too would fight over fields.
+pub async fn install_beside_kubevirt(client: &kube::Client) -> Result<Vec<String>, CrdError> {
+    install_where(client, |crd| crd.spec.group != "kubevirt.io").await
+}
+
+async fn install_where(
+    client: &kube::Client,
+    keep: impl Fn(&CustomResourceDefinition) -> bool,
+) -> Result<Vec<String>, CrdError> {
     let crds = load()?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let pp = PatchParams::apply("kvcsi-harness").force();
     let mut names = Vec::new();
-    for crd in crds {
+    for crd in crds.into_iter().filter(|c| keep(c)) {
         let name = crd.metadata.name.clone().unwrap_or_default();
         api.patch(&name, &pp, &Patch::Apply(&crd))
             .await

@@ -143,7 +143,7 @@ impl Stack {
             Bed::KubeVirt(profile) => {
                 // Order matters: virt-controller's informers only sync once CDI's CRDs
                 // exist, and KubeVirt's own CRDs come from its manifests, not hack/crds.sh.
-                install_non_kubevirt_crds(&client).await?;
+                crate::crds::install_beside_kubevirt(&client).await?;
                 crate::kubevirt::install_cdi_companion_crds(&client).await?;
                 let kv = KubeVirt::start(
                     &cp,
@@ -400,35 +400,6 @@ impl Stack {
     pub fn node_log_tail(&self, lines: usize) -> String {
         crate::process::log_tail(&self.dir.path().join("node.log"), lines)
     }
-}
-
-/// `hack/crds.sh`'s CDI and snapshot CRDs: on the KubeVirt bed KubeVirt's own CRDs come
-/// from its manifests (see [`crate::kubevirt`]), which would fight over these fields.
-async fn install_non_kubevirt_crds(client: &kube::Client) -> Result<(), BoxError> {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Api, Patch, PatchParams};
-    use kube::runtime::wait::{await_condition, conditions};
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let pp = PatchParams::apply("kvcsi-harness").force();
-    let mut names = Vec::new();
-    for crd in crate::crds::load()? {
-        if crd.spec.group == "kubevirt.io" {
-            continue;
-        }
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(&name, &pp, &Patch::Apply(&crd))
-            .await
-            .map_err(|e| format!("apply CRD {name}: {e}"))?;
-        names.push(name);
-    }
-    let waited = Duration::from_secs(30);
-    for name in names {
-        let est = await_condition(api.clone(), &name, conditions::is_crd_established());
-        if !matches!(tokio::time::timeout(waited, est).await, Ok(Ok(_))) {
-            return Err(format!("CRD {name} not Established after {waited:?}").into());
-        }
-    }
-    Ok(())
 }
 
 /// Retries `check` until it is true or `timeout` passes. For processes that give no

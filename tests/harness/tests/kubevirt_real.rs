@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
+use kubevirt_csi_common::error_chain as chain;
 use kubevirt_csi_harness::cluster::{ControlPlane, ControlPlaneOptions};
 use kubevirt_csi_harness::kubevirt::{
     GateProfile, KubeVirt, KubeVirtOptions, vm_resource, vmi_resource,
@@ -39,17 +40,6 @@ async fn bed(profile: GateProfile) -> (ControlPlane, KubeVirt) {
         kv.timings()
     );
     (cp, kv)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// A tenant namespace with the `default` ServiceAccount pods need (no controller-manager

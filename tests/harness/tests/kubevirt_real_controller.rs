@@ -9,8 +9,8 @@ use std::time::Instant;
 use csi::volume_capability::access_mode::Mode;
 use csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi_proto::v1 as csi;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
+use kubevirt_csi_common::error_chain as chain;
 use kubevirt_csi_harness::cluster::{ControlPlane, ControlPlaneOptions};
 use kubevirt_csi_harness::csi::{ControllerOptions, ControllerPlugin};
 use kubevirt_csi_harness::fixtures::{self, TenantFixture, vmi_resource};
@@ -28,31 +28,15 @@ struct Env {
     _standin: Standin,
 }
 
-/// CDI and snapshot CRDs from `hack/crds.sh`; KubeVirt's own come from its manifests.
-async fn install_non_kubevirt_crds(client: &kube::Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in kubevirt_csi_harness::crds::load().expect("crds") {
-        if crd.spec.group == "kubevirt.io" {
-            continue;
-        }
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply("kvcsi-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("crd {name}: {e}"));
-    }
-}
-
 async fn env(profile: GateProfile) -> Env {
     let t = Instant::now();
     let cp = ControlPlane::start(ControlPlaneOptions::default())
         .await
         .expect("control plane");
     let client = cp.client().await.unwrap();
-    install_non_kubevirt_crds(&client).await;
+    kubevirt_csi_harness::crds::install_beside_kubevirt(&client)
+        .await
+        .unwrap_or_else(|e| panic!("crds: {}", chain(&e)));
     kubevirt_csi_harness::kubevirt::install_cdi_companion_crds(&client)
         .await
         .unwrap_or_else(|e| panic!("cdi crds: {}", chain(&e)));
@@ -88,17 +72,6 @@ async fn env(profile: GateProfile) -> Env {
         kv,
         _standin: standin,
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// The tenant with the shipped controller identity and a running worker VM (the bed's
