@@ -123,9 +123,9 @@ fn in_vmi_status(tenant: &Tenant, vmi: Option<&VirtualMachineInstance>, id: &str
             .is_some_and(|s| s.volume_status.iter().any(|e| e.name == id))
 }
 
-/// Whether the VM or VMI holds any trace of volume `id` (used for single-node checks and
-/// DeleteVolume's in-use check, where erring towards "in use" is the safe side).
-pub(crate) fn vm_or_vmi_uses(
+/// Whether the VM or VMI holds any trace of volume `id`, ours or not (for the single-node
+/// check, where erring towards "in use" is the safe side).
+fn vm_or_vmi_uses(
     vm: Option<&VirtualMachine>,
     vmi: Option<&VirtualMachineInstance>,
     id: &str,
