@@ -10,7 +10,8 @@ set -euo pipefail
 GRPCIO_VERSION="${GRPCIO_VERSION:-1.76.0}"
 VENV="$KVCSI_CACHE/python-grpc-$GRPCIO_VERSION"
 
-command -v python3 >/dev/null || die "python3 is required for the Python gRPC client test (apt-get install python3 python3-venv)"
+# A fresh Debian machine may lack venv support: install it like every other tool.
+apt_ensure python3 python3-venv
 if ! "$VENV/bin/python" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
   log "installing grpcio $GRPCIO_VERSION into $VENV"
   rm -rf "$VENV"
