@@ -2,11 +2,15 @@
 //! on the unix socket, and the refusal of TCP beyond loopback. GetPluginInfo needs no infra
 //! cluster, so the kubeconfig here points at a port nothing listens on.
 
-use std::path::{Path, PathBuf};
+#[path = "../../tests/support/python_client.rs"]
+mod python_client;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use python_client::{python_call, python_grpc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubevirt-csi-controller");
 
@@ -50,39 +54,6 @@ fn command(dir: &Path, endpoint: &str) -> Command {
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     c
-}
-
-/// The Python gRPC client's interpreter (hack/python-grpc.sh installs grpcio into the
-/// cache), or a failed test saying why.
-fn python_grpc() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/python-grpc.sh");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{script:?} failed to install the Python gRPC client (see above)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
-}
-
-fn python_call(python: &Path, target: &str, method: &str) -> Result<Vec<u8>, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/grpc-unary.py");
-    let out = Command::new(python)
-        .arg(&script)
-        .args([target, method])
-        .output()
-        .expect("run the Python client");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-    }
-    let hex = String::from_utf8(out.stdout).expect("utf-8");
-    let hex = hex.trim();
-    Ok((0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-        .collect())
 }
 
 #[test]

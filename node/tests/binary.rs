@@ -3,6 +3,9 @@
 
 mod support;
 
+#[path = "../../tests/support/python_client.rs"]
+mod python_client;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use csi_proto::v1::{
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use python_client::{python_call, python_grpc};
 use support::*;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -327,40 +331,6 @@ fn start_up_errors_are_clear() {
         "{err}"
     );
     assert_eq!(std::fs::read(&precious).expect("still there"), b"keep");
-}
-
-/// The Python gRPC client (grpcio, installed by hack/python-grpc.sh into the cache): its
-/// interpreter, or a failed test saying why.
-fn python_grpc() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/python-grpc.sh");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{script:?} failed to install the Python gRPC client (see above)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
-}
-
-/// One unary call through grpcio, which sends the socket path as `:authority`.
-fn python_call(python: &Path, target: &str, method: &str) -> Result<Vec<u8>, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/grpc-unary.py");
-    let out = Command::new(python)
-        .arg(&script)
-        .args([target, method])
-        .output()
-        .expect("run the Python client");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-    }
-    let hex = String::from_utf8(out.stdout).expect("utf-8");
-    let hex = hex.trim();
-    Ok((0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-        .collect())
 }
 
 #[tokio::test]
